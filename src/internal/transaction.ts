@@ -1,0 +1,509 @@
+import * as SqlClient from "@effect/sql/SqlClient"
+import type { Connection } from "@effect/sql/SqlConnection"
+import { SqlError } from "@effect/sql/SqlError"
+import * as Cause from "effect/Cause"
+import * as Context from "effect/Context"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Layer from "effect/Layer"
+import * as Scope from "effect/Scope"
+import * as Stream from "effect/Stream"
+import type * as Transaction from "../Transaction.js"
+import { databaseInfo, TransactionError } from "../TransactionError.js"
+import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
+
+/** @internal */
+export const isolationLevels = ["read committed", "repeatable read", "serializable"] as const
+
+/** @internal */
+export const Current = Context.GenericTag<Transaction.Current, Transaction.Transaction>(
+  "effect-transaction/Transaction/Current"
+)
+
+// ---------------------------------------------------------------------------
+// state
+// ---------------------------------------------------------------------------
+
+let nextTransactionId = 1
+
+/** One outermost transaction: its connection and what is pending on it. */
+interface Tx {
+  readonly id: number
+  readonly conn: Connection
+  readonly dialect: Dialect
+  readonly characteristics: Characteristics
+  /** Counter for savepoint names, unique within the transaction. */
+  savepoints: number
+  /** A savepoint whose block succeeded; its RELEASE travels with the next control statement. */
+  pendingRelease: string | undefined
+  /** Set when the connection's state is unknown: it is destroyed instead of returned to the pool. */
+  broken: boolean
+}
+
+/** One block: the outermost transaction (depth 0) or a nested savepoint. */
+class Frame implements Transaction.Transaction {
+  open = true
+  /** A statement inside this block failed, so the database refuses further work until it is rolled back. */
+  aborted = false
+  readonly connection: Connection
+
+  constructor(
+    readonly tx: Tx,
+    readonly parent: Frame | undefined,
+    readonly depth: number,
+    readonly savepoint: string | undefined
+  ) {
+    this.connection = guardConnection(this)
+  }
+
+  get id() {
+    return this.tx.id
+  }
+  get isolation() {
+    return this.tx.characteristics.isolation
+  }
+  get readOnly() {
+    return this.tx.characteristics.readOnly === true
+  }
+  get deferrable() {
+    return this.tx.characteristics.deferrable === true
+  }
+  get isOpen() {
+    return this.open
+  }
+  describe() {
+    return this.depth === 0
+      ? `transaction ${this.tx.id}`
+      : `nested block ${this.savepoint} of transaction ${this.tx.id}`
+  }
+}
+
+// ---------------------------------------------------------------------------
+// the guarded connection every statement inside a block runs on
+// ---------------------------------------------------------------------------
+
+const closedError = (frame: Frame) =>
+  new SqlError({
+    message: `${frame.describe()} has already ended`,
+    cause: new TransactionError({
+      reason: "TransactionClosed",
+      message:
+        `A statement was run on ${frame.describe()} after it ended. ` +
+        "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
+        "or run the work in its own transaction."
+    })
+  })
+
+/** Sends a deferred RELEASE before a statement, so open savepoints never outnumber open blocks. */
+const flushPendingRelease = (frame: Frame): Effect.Effect<void, SqlError> => {
+  const tx = frame.tx
+  const name = tx.pendingRelease!
+  tx.pendingRelease = undefined
+  return Effect.asVoid(
+    Effect.tapError(tx.conn.executeUnprepared(tx.dialect.release(name), [], undefined), () => markAborted(frame))
+  )
+}
+
+const markAborted = (frame: Frame) =>
+  Effect.sync(() => {
+    frame.aborted = true
+  })
+
+const guarded = <A>(frame: Frame, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> => {
+  if (!frame.open) return Effect.fail(closedError(frame))
+  const statement = Effect.tapError(Effect.suspend(run), () => markAborted(frame))
+  return frame.tx.pendingRelease === undefined ? statement : Effect.zipRight(flushPendingRelease(frame), statement)
+}
+
+const guardConnection = (frame: Frame): Connection => {
+  const conn = frame.tx.conn
+  return {
+    execute: (sql, params, transformRows) => guarded(frame, () => conn.execute(sql, params, transformRows)),
+    executeRaw: (sql, params) => guarded(frame, () => conn.executeRaw(sql, params)),
+    executeValues: (sql, params) => guarded(frame, () => conn.executeValues(sql, params)),
+    executeUnprepared: (sql, params, transformRows) =>
+      guarded(frame, () => conn.executeUnprepared(sql, params, transformRows)),
+    executeStream: (sql, params, transformRows) =>
+      Stream.unwrap(
+        Effect.as(
+          guarded(frame, () => Effect.void),
+          Stream.tapError(conn.executeStream(sql, params, transformRows), () => markAborted(frame))
+        )
+      )
+  }
+}
+
+const provideFrame = <A, E, R>(effect: Effect.Effect<A, E, R>, frame: Frame): Effect.Effect<A, E, R> =>
+  Effect.mapInputContext(effect, (context: Context.Context<R>) =>
+    Context.add(Context.add(context, Current, frame), SqlClient.TransactionConnection, [frame.connection, frame.depth])
+  )
+
+// ---------------------------------------------------------------------------
+// options
+// ---------------------------------------------------------------------------
+
+const rank = (isolation: Transaction.IsolationLevel | undefined) =>
+  isolation === undefined ? 0 : isolationLevels.indexOf(isolation)
+
+const invalidOption = (message: string) => new TransactionError({ reason: "InvalidOption", message })
+
+const validateOptions = (options: Transaction.Options): TransactionError | undefined => {
+  if (options.isolation !== undefined && !isolationLevels.includes(options.isolation)) {
+    return invalidOption(
+      `Unknown isolation level ${JSON.stringify(options.isolation)}. Use one of: ${isolationLevels.join(", ")}.`
+    )
+  }
+  if (options.deferrable === true && (options.isolation !== "serializable" || options.readOnly !== true)) {
+    return invalidOption(
+      "The deferrable option only has an effect on a serializable, read-only transaction. " +
+        'Add isolation: "serializable" and readOnly: true, or drop deferrable.'
+    )
+  }
+  return undefined
+}
+
+const conflict = (frame: Frame, message: string) =>
+  new TransactionError({
+    reason: "OptionConflict",
+    message: `A nested block of ${frame.describe()} ${message}`
+  })
+
+/** A nested block runs inside the outer transaction: it may ask only for what that transaction already gives. */
+const checkNestedOptions = (parent: Frame, options: Transaction.Options): TransactionError | undefined => {
+  const outer = parent.tx.characteristics
+  if (options.isolation !== undefined && rank(options.isolation) > rank(outer.isolation)) {
+    return conflict(
+      parent,
+      `asked for isolation "${options.isolation}", but the outer transaction runs at ` +
+        `"${outer.isolation ?? "read committed"}" and isolation cannot change inside a transaction. ` +
+        `Open the outermost transaction with isolation: "${options.isolation}".`
+    )
+  }
+  if (options.readOnly === false && outer.readOnly === true) {
+    return conflict(
+      parent,
+      "asked to be read-write, but the outer transaction is read-only. " +
+        "Drop readOnly: true from the outer transaction, or readOnly: false from the nested block."
+    )
+  }
+  if (options.readOnly === true && outer.readOnly !== true) {
+    return conflict(
+      parent,
+      "asked to be read-only, but the outer transaction is read-write and a nested block cannot be made " +
+        "read-only on its own. Open the outermost transaction with readOnly: true, or drop it from the nested block."
+    )
+  }
+  if (options.deferrable === true && outer.deferrable !== true) {
+    return conflict(
+      parent,
+      "asked to be deferrable, but the outer transaction is not, and deferrable only applies when a transaction " +
+        "starts. Open the outermost transaction with deferrable: true, or drop it from the nested block."
+    )
+  }
+  return undefined
+}
+
+// ---------------------------------------------------------------------------
+// errors of control statements
+// ---------------------------------------------------------------------------
+
+const hints: Record<string, string> = {
+  "40001": "Another transaction changed data this one depends on. Run the whole transaction again; it may succeed.",
+  "40P01": "Two transactions waited on each other's locks. Run the whole transaction again; it may succeed.",
+  "23503":
+    "A deferred foreign key is checked at COMMIT. Fix the rows the transaction writes, or make the constraint " +
+    "NOT DEFERRABLE to see the error at the statement that causes it.",
+  "23505":
+    "A deferred unique constraint is checked at COMMIT. Fix the rows the transaction writes, or make the " +
+    "constraint NOT DEFERRABLE to see the error at the statement that causes it.",
+  "25P02":
+    "A statement inside the block failed and its error was caught, which leaves the block aborted. Let the error " +
+    "fail the block (an outer block can catch it), or wrap the failing statement in its own nested withTransaction."
+}
+
+const controlError = (
+  reason: "BeginFailed" | "CommitFailed" | "RollbackFailed" | "SavepointFailed",
+  what: string,
+  consequence: string,
+  cause: unknown
+) => {
+  const info = databaseInfo(cause)
+  const retryable =
+    info.sqlState === "40001" ? "SerializationFailure" : info.sqlState === "40P01" ? "Deadlock" : undefined
+  const hint = info.sqlState === undefined ? undefined : hints[info.sqlState]
+  return new TransactionError({
+    reason: retryable ?? reason,
+    message:
+      `${what} failed: ${info.message}${info.sqlState === undefined ? "" : ` (SQLSTATE ${info.sqlState})`}. ` +
+      `${consequence}${hint === undefined ? "" : ` ${hint}`}`,
+    sqlState: info.sqlState,
+    constraint: info.constraint,
+    cause
+  })
+}
+
+const abortedError = (frame: Frame) =>
+  new TransactionError({
+    reason: frame.depth === 0 ? "CommitFailed" : "SavepointFailed",
+    message:
+      `${frame.describe()} returned successfully, but a statement inside it failed, so the database had aborted ` +
+      `it; it was rolled back and nothing of it was kept. ${hints["25P02"]}`,
+    sqlState: "25P02"
+  })
+
+// ---------------------------------------------------------------------------
+// the engine
+// ---------------------------------------------------------------------------
+
+const run = (conn: Connection, sql: string) => Effect.asVoid(conn.executeUnprepared(sql, [], undefined))
+
+const finishOutermost = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
+  const tx = frame.tx
+  frame.open = false
+  tx.pendingRelease = undefined
+  const rollback = (onRolledBack: Effect.Effect<A, E | TransactionError>) =>
+    Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollback), {
+      onFailure: (cause) => {
+        tx.broken = true
+        const error = controlError(
+          "RollbackFailed",
+          `ROLLBACK of ${frame.describe()}`,
+          "The connection was closed instead of returned to the pool, so nothing was committed.",
+          Cause.squash(cause)
+        )
+        return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
+      },
+      onSuccess: () => onRolledBack
+    })
+  if (Exit.isFailure(exit)) return rollback(exit)
+  if (frame.aborted) return rollback(Effect.fail(abortedError(frame)))
+  return Effect.matchCauseEffect(tx.dialect.commit(tx.conn), {
+    onFailure: (cause) =>
+      rollback(
+        Effect.fail(
+          controlError(
+            "CommitFailed",
+            `COMMIT of ${frame.describe()}`,
+            "The transaction was rolled back; nothing was committed.",
+            Cause.squash(cause)
+          )
+        )
+      ),
+    onSuccess: (committed): Effect.Effect<A, E | TransactionError> =>
+      committed ? exit : Effect.fail(abortedError(frame))
+  })
+}
+
+const outermost = <A, E, R>(
+  client: SqlClient.SqlClient,
+  dialect: Dialect,
+  options: Transaction.Options,
+  effect: Effect.Effect<A, E, R>,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<A, E | TransactionError, R> =>
+  Effect.flatMap(Scope.make(), (scope) => {
+    let tx: Tx | undefined
+    const characteristics: Characteristics = {
+      isolation: options.isolation,
+      readOnly: options.readOnly,
+      deferrable: options.deferrable
+    }
+    // Not interruptible: @effect/sql-pg loses a pooled client whose reservation is interrupted while it waits.
+    return Scope.extend(client.reserve, scope).pipe(
+      Effect.mapError((cause) =>
+        controlError(
+          "BeginFailed",
+          "Reserving a connection for the transaction",
+          "Nothing was sent to the database. Check that the database is reachable and the pool is not exhausted.",
+          cause
+        )
+      ),
+      Effect.flatMap((conn) => {
+        tx = {
+          id: nextTransactionId++,
+          conn,
+          dialect,
+          characteristics,
+          savepoints: 0,
+          pendingRelease: undefined,
+          broken: false
+        }
+        const frame = new Frame(tx, undefined, 0, undefined)
+        return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
+          onFailure: (cause) => {
+            frame.open = false
+            tx!.broken = true
+            return controlError(
+              "BeginFailed",
+              dialect.begin(characteristics),
+              "No transaction was opened and the connection was closed.",
+              Cause.squash(cause)
+            )
+          },
+          onSuccess: () =>
+            Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishOutermost(frame, exit))
+        })
+      }),
+      Effect.onExit((exit) =>
+        tx?.broken === true
+          ? Effect.zipRight(tx.dialect.destroy(tx.conn), Scope.close(scope, exit))
+          : Scope.close(scope, exit)
+      )
+    )
+  })
+
+const finishNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
+  const tx = frame.tx
+  const parent = frame.parent!
+  const name = frame.savepoint!
+  frame.open = false
+  if (Exit.isSuccess(exit) && !frame.aborted) {
+    // Releasing this savepoint releases any deeper one still pending.
+    tx.pendingRelease = name
+    return exit
+  }
+  // Rolling back to this savepoint destroys any deeper one still pending.
+  tx.pendingRelease = undefined
+  return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollbackTo(name)), {
+    onFailure: (cause) => {
+      parent.aborted = true
+      const error = controlError(
+        "SavepointFailed",
+        `ROLLBACK TO SAVEPOINT of ${frame.describe()}`,
+        "The outer transaction cannot go on and will be rolled back.",
+        Cause.squash(cause)
+      )
+      return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
+    },
+    onSuccess: (): Effect.Effect<A, E | TransactionError> =>
+      Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
+  })
+}
+
+const nested = <A, E, R>(
+  parent: Frame,
+  effect: Effect.Effect<A, E, R>,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<A, E | TransactionError, R> => {
+  const tx = parent.tx
+  if (!parent.open) {
+    return Effect.fail(
+      new TransactionError({
+        reason: "TransactionClosed",
+        message:
+          `A nested block was started on ${parent.describe()} after it ended. ` +
+          "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns."
+      })
+    )
+  }
+  const name = `etx_${++tx.savepoints}`
+  const pending = tx.pendingRelease
+  tx.pendingRelease = undefined
+  const sql =
+    pending === undefined
+      ? tx.dialect.savepoint(name)
+      : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
+  return Effect.matchCauseEffect(run(tx.conn, sql), {
+    onFailure: (cause) => {
+      parent.aborted = true
+      return controlError(
+        "SavepointFailed",
+        `SAVEPOINT for a nested block of ${parent.describe()}`,
+        "The nested block did not run.",
+        Cause.squash(cause)
+      )
+    },
+    onSuccess: () => {
+      const frame = new Frame(tx, parent, parent.depth + 1, name)
+      return Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishNested(frame, exit))
+    }
+  })
+}
+
+/** Runs `effect` in a transaction of `client`, or in a savepoint when one is already open in the fiber. */
+export const transact = <A, E, R>(
+  client: SqlClient.SqlClient,
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options
+): Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>> =>
+  Effect.withFiberRuntime((fiber) => {
+    const invalid = validateOptions(options)
+    if (invalid !== undefined) return Effect.fail(invalid)
+    const context = fiber.currentContext
+    const parent = Context.getOption(context, Current)
+    if (parent._tag === "Some") {
+      const frame = parent.value as Frame
+      const incompatible = checkNestedOptions(frame, options)
+      if (incompatible !== undefined) return Effect.fail(incompatible)
+      return Effect.uninterruptibleMask((restore) => nested(frame, effect, restore))
+    }
+    const dialect = Context.get(context, CurrentDialect)
+    const foreign = Context.getOption(context, SqlClient.TransactionConnection)
+    if (foreign._tag === "Some") {
+      // A transaction opened by other code on this fiber: nest inside it instead of opening a second one.
+      const [conn, depth] = foreign.value
+      const adopted: Tx = {
+        id: nextTransactionId++,
+        conn,
+        dialect,
+        characteristics: { isolation: undefined, readOnly: undefined, deferrable: undefined },
+        savepoints: 0,
+        pendingRelease: undefined,
+        broken: false
+      }
+      const root = new Frame(adopted, undefined, depth, undefined)
+      return Effect.uninterruptibleMask((restore) =>
+        Effect.ensuring(
+          nested(root, effect, restore),
+          Effect.suspend(() => (adopted.pendingRelease === undefined ? Effect.void : flushPendingRelease(root))).pipe(
+            Effect.ignore
+          )
+        )
+      )
+    }
+    return Effect.uninterruptibleMask((restore) => outermost(client, dialect, options, effect, restore))
+  }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>>
+
+/** @internal */
+export const withTransaction = <A, E, R>(
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options = {}
+): Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current> | SqlClient.SqlClient> =>
+  Effect.flatMap(SqlClient.SqlClient, (client) => transact(client, effect, options))
+
+// ---------------------------------------------------------------------------
+// the SqlClient wrapper
+// ---------------------------------------------------------------------------
+
+/** Carries a body's own failure through the wrapper untouched. */
+class BodyFailure<E> {
+  constructor(readonly error: E) {}
+}
+
+/** @internal */
+export const wrapClient = (client: SqlClient.SqlClient): SqlClient.SqlClient => {
+  const withTransaction = <R, E, A>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E | SqlError, R> =>
+    Effect.mapError(
+      transact(
+        client,
+        Effect.mapError(self, (error) => new BodyFailure(error)),
+        {}
+      ),
+      (error) => (error instanceof BodyFailure ? error.error : new SqlError({ message: error.message, cause: error }))
+    ) as Effect.Effect<A, E | SqlError, R>
+  const wrapped: SqlClient.SqlClient = Object.assign(
+    function (this: unknown, ...args: Array<unknown>) {
+      return (client as unknown as (...args: Array<unknown>) => unknown).apply(this, args)
+    } as unknown as SqlClient.SqlClient,
+    client,
+    { withTransaction, withoutTransforms: () => wrapClient(client.withoutTransforms()) }
+  )
+  ;(wrapped as { safe: SqlClient.SqlClient }).safe = wrapped
+  return wrapped
+}
+
+/** @internal */
+export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient> = Layer.effect(
+  SqlClient.SqlClient,
+  Effect.map(SqlClient.SqlClient, wrapClient)
+)
