@@ -109,9 +109,10 @@ const markAborted = (frame: Frame) =>
     frame.aborted = true
   })
 
+/** Called by @effect/sql when the statement runs, so the checks see the block as it is at that moment. */
 const guarded = <A>(frame: Frame, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> => {
   if (!frame.open) return Effect.fail(closedError(frame))
-  const statement = Effect.tapError(Effect.suspend(run), () => markAborted(frame))
+  const statement = Effect.tapError(run(), () => markAborted(frame))
   return frame.tx.pendingRelease === undefined ? statement : Effect.zipRight(flushPendingRelease(frame), statement)
 }
 

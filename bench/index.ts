@@ -1,0 +1,243 @@
+/**
+ * `npm run bench [-- --quick]`: transaction throughput of this library against three baselines run in the same
+ * process on the same database: raw `pg`, hand-written BEGIN/COMMIT through the same SqlClient, and @effect/sql's
+ * own `withTransaction`. Uses DATABASE_URL when set, an embedded PostgreSQL otherwise.
+ */
+import { SqlClient } from "@effect/sql"
+import { PgClient } from "@effect/sql-pg"
+import { Effect, Layer, Redacted } from "effect"
+import { EmbeddedPostgres, Transaction } from "effect-transaction"
+import pg from "pg"
+
+const quick = process.argv.includes("--quick")
+const rounds = quick ? 3 : 21
+const POOL = 8
+const FIBERS = 16
+const NESTED = 100
+
+interface Case {
+  readonly name: string
+  /** Transactions per round and contender. */
+  readonly transactions: number
+  readonly raw: (pool: pg.Pool) => Promise<void>
+  readonly effect: (contender: Contender) => Effect.Effect<void, unknown, SqlClient.SqlClient>
+}
+
+type Contender = "hand-written" | "@effect/sql" | "effect-transaction"
+const contenders: ReadonlyArray<Contender> = ["hand-written", "@effect/sql", "effect-transaction"]
+
+let nextId = 1
+const ids = () => nextId++
+
+// --- the work inside each transaction -------------------------------------------------------------------------
+
+const insertAndRead = Effect.flatMap(SqlClient.SqlClient, (sql) => {
+  const id = ids()
+  return Effect.zipRight(
+    sql`INSERT INTO bench_items (id, payload) VALUES (${id}, ${"payload"})`,
+    sql`SELECT id, payload FROM bench_items WHERE id = ${id}`
+  )
+})
+
+const insertOne = Effect.flatMap(
+  SqlClient.SqlClient,
+  (sql) => sql`INSERT INTO bench_items (id, payload) VALUES (${ids()}, ${"nested"})`
+)
+
+// --- the three ways of wrapping it in a transaction ------------------------------------------------------------
+
+/** BEGIN/COMMIT by hand on a reserved connection, with the same statements routed to it. */
+const handWritten = <A, E, R>(body: Effect.Effect<A, E, R>) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) =>
+    Effect.scoped(
+      Effect.flatMap(sql.reserve, (conn) =>
+        conn.executeUnprepared("BEGIN", [], undefined).pipe(
+          Effect.zipRight(Effect.provideService(body, SqlClient.TransactionConnection, [conn, 0])),
+          Effect.tap(() => conn.executeUnprepared("COMMIT", [], undefined)),
+          Effect.tapErrorCause(() => Effect.ignore(conn.executeUnprepared("ROLLBACK", [], undefined)))
+        )
+      )
+    )
+  )
+
+const handWrittenSavepoint =
+  (n: number) =>
+  <A, E, R>(body: Effect.Effect<A, E, R>) =>
+    Effect.flatMap(SqlClient.TransactionConnection, ([conn]) =>
+      conn.executeUnprepared(`SAVEPOINT s${n}`, [], undefined).pipe(
+        Effect.zipRight(body),
+        Effect.tap(() => conn.executeUnprepared(`RELEASE SAVEPOINT s${n}`, [], undefined))
+      )
+    )
+
+type Wrapped<R> = Effect.Effect<
+  unknown,
+  unknown,
+  Exclude<R, Transaction.Current | SqlClient.TransactionConnection> | SqlClient.SqlClient
+>
+
+const wrap = <A, E, R>(contender: Contender, body: Effect.Effect<A, E, R>): Wrapped<R> => {
+  switch (contender) {
+    case "hand-written":
+      return handWritten(body) as Wrapped<R>
+    case "@effect/sql":
+      return Effect.flatMap(SqlClient.SqlClient, (sql) => sql.withTransaction(body)) as Wrapped<R>
+    case "effect-transaction":
+      return Transaction.withTransaction(body) as Wrapped<R>
+  }
+}
+
+const nestedBody = (contender: Contender) =>
+  Effect.forEach(
+    Array.from({ length: NESTED }, (_, i) => i),
+    (i) => (contender === "hand-written" ? handWrittenSavepoint(i)(insertOne) : wrap(contender, insertOne)),
+    { discard: true }
+  )
+
+// --- raw pg ------------------------------------------------------------------------------------------------------
+
+const rawFlat = async (pool: pg.Pool) => {
+  const client = await pool.connect()
+  try {
+    const id = ids()
+    await client.query("BEGIN")
+    await client.query("INSERT INTO bench_items (id, payload) VALUES ($1, $2)", [id, "payload"])
+    await client.query("SELECT id, payload FROM bench_items WHERE id = $1", [id])
+    await client.query("COMMIT")
+  } finally {
+    client.release()
+  }
+}
+
+const rawNested = async (pool: pg.Pool) => {
+  const client = await pool.connect()
+  try {
+    await client.query("BEGIN")
+    for (let i = 0; i < NESTED; i++) {
+      await client.query(`SAVEPOINT s${i}`)
+      await client.query("INSERT INTO bench_items (id, payload) VALUES ($1, $2)", [ids(), "nested"])
+      await client.query(`RELEASE SAVEPOINT s${i}`)
+    }
+    await client.query("COMMIT")
+  } finally {
+    client.release()
+  }
+}
+
+const concurrently = (n: number, fibers: number, run: () => Promise<void>) => {
+  let started = 0
+  const worker = async () => {
+    while (started < n) {
+      started++
+      await run()
+    }
+  }
+  return Promise.all(Array.from({ length: fibers }, worker)).then(() => undefined)
+}
+
+// --- cases ---------------------------------------------------------------------------------------------------
+
+const flatN = quick ? 200 : 500
+const nestedN = quick ? 4 : 10
+
+const cases: ReadonlyArray<Case> = [
+  {
+    name: "flat, sequential",
+    transactions: flatN,
+    raw: async (pool) => {
+      for (let i = 0; i < flatN; i++) await rawFlat(pool)
+    },
+    effect: (contender) => Effect.repeatN(wrap(contender, insertAndRead), flatN - 1).pipe(Effect.asVoid)
+  },
+  {
+    name: `flat, ${FIBERS} fibers / ${POOL} connections`,
+    transactions: flatN,
+    raw: (pool) => concurrently(flatN, FIBERS, () => rawFlat(pool)),
+    effect: (contender) =>
+      Effect.forEach(Array.from({ length: flatN }), () => wrap(contender, insertAndRead), {
+        concurrency: FIBERS,
+        discard: true
+      })
+  },
+  {
+    name: `${NESTED} nested blocks, sequential`,
+    transactions: nestedN,
+    raw: async (pool) => {
+      for (let i = 0; i < nestedN; i++) await rawNested(pool)
+    },
+    effect: (contender) => Effect.repeatN(wrap(contender, nestedBody(contender)), nestedN - 1).pipe(Effect.asVoid)
+  }
+]
+
+// --- measurement ---------------------------------------------------------------------------------------------
+
+const median = (values: ReadonlyArray<number>) => {
+  const sorted = [...values].sort((a, b) => a - b)
+  const mid = Math.floor(sorted.length / 2)
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2
+}
+
+const timed = async (run: () => Promise<void>) => {
+  const start = performance.now()
+  await run()
+  return performance.now() - start
+}
+
+const main = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+  const pgClient = yield* PgClient.PgClient
+  yield* sql`DROP TABLE IF EXISTS bench_items`
+  yield* sql`CREATE TABLE bench_items (id bigint PRIMARY KEY, payload text NOT NULL)`
+  const url = pgClient.config.url ? Redacted.value(pgClient.config.url) : undefined
+  const pool = new pg.Pool({ connectionString: url, max: POOL })
+  yield* Effect.addFinalizer(() => Effect.promise(() => pool.end()))
+  const runEffect = <A, E>(effect: Effect.Effect<A, E, SqlClient.SqlClient>) =>
+    Effect.runPromise(Effect.provideService(effect, SqlClient.SqlClient, sql))
+
+  const rows: Array<ReadonlyArray<string>> = []
+  for (const c of cases) {
+    const names = ["raw pg", ...contenders]
+    const samples: Record<string, Array<number>> = {}
+    for (const name of names) samples[name] = []
+    const run = (name: string) => (name === "raw pg" ? c.raw(pool) : runEffect(c.effect(name as Contender)))
+    // Warm-up: JIT, prepared plans and pool connections for every contender.
+    for (const name of names) yield* Effect.promise(() => run(name))
+    // Each round runs every contender once, in a rotated order, so that drift on the machine hits all alike;
+    // ratios are taken within a round and the median across rounds is reported.
+    for (let round = 0; round < rounds; round++) {
+      for (let k = 0; k < names.length; k++) {
+        const name = names[(k + round) % names.length]!
+        samples[name]!.push(yield* Effect.promise(() => timed(() => run(name))))
+      }
+      yield* sql`TRUNCATE bench_items`
+    }
+    const base = samples["hand-written"]!
+    const cell = (name: string) => {
+      const tps = (c.transactions / median(samples[name]!)) * 1000
+      const ratio = median(samples[name]!.map((ms, round) => base[round]! / ms))
+      return `${tps.toFixed(0)} tx/s (${ratio.toFixed(2)}x)`
+    }
+    rows.push([c.name, cell("raw pg"), cell("hand-written"), cell("@effect/sql"), cell("effect-transaction")])
+  }
+
+  const header = ["case", "raw pg", "hand-written", "@effect/sql withTransaction", "effect-transaction"]
+  const lines = [header, header.map(() => "---"), ...rows].map((row) => `| ${row.join(" | ")} |`)
+  console.log(
+    `\nThroughput, median of ${rounds} rounds; in brackets the median per-round throughput ratio to hand-written BEGIN/COMMIT on the same SqlClient.`
+  )
+  console.log(
+    `PostgreSQL: ${yield* sql<{ v: string }>`SHOW server_version`.pipe(Effect.map((r) => Object.values(r[0]!)[0]))}, pool of ${POOL} connections${quick ? ", quick run" : ""}.\n`
+  )
+  console.log(lines.join("\n"))
+  yield* sql`DROP TABLE bench_items`
+})
+
+const Database =
+  process.env.DATABASE_URL !== undefined && process.env.DATABASE_URL !== ""
+    ? PgClient.layer({ url: Redacted.make(process.env.DATABASE_URL), maxConnections: POOL })
+    : EmbeddedPostgres.layer({ client: { maxConnections: POOL } })
+
+Effect.runPromise(Effect.scoped(main).pipe(Effect.provide(Layer.orDie(Database)))).catch((error) => {
+  console.error(error)
+  process.exit(1)
+})
