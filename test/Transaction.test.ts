@@ -1,4 +1,4 @@
-import { SqlClient } from "@effect/sql"
+import { Migrator, SqlClient } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
@@ -697,6 +697,28 @@ describe("Transaction.layer", () => {
         const optionConflict = Effect.void.pipe(Transaction.withTransaction({ isolation: "serializable" }))
         const conflict = yield* Effect.exit(sql.withTransaction(optionConflict))
         assert.strictEqual(transactionError(conflict).reason, "OptionConflict")
+      })
+    )
+
+    it.effect("@effect/sql's Migrator runs its migrations through the engine", () =>
+      Effect.gen(function* () {
+        const recorder = yield* Recorder.Recorder
+        yield* TestDatabase.setup("DROP TABLE IF EXISTS effect_sql_migrations", "DROP TABLE IF EXISTS migrated")
+        recorder.clear()
+        const migrate = Migrator.make({})({
+          loader: Migrator.fromRecord({
+            "1_create": Effect.flatMap(SqlClient.SqlClient, (sql) => sql`CREATE TABLE migrated (id int)`),
+            "2_seed": Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO migrated VALUES (1)`)
+          })
+        })
+        assert.deepStrictEqual(yield* migrate, [
+          [1, "create"],
+          [2, "seed"]
+        ])
+        assert.strictEqual(recorder.statements[0], "BEGIN")
+        assert.strictEqual(recorder.statements[recorder.statements.length - 1], "COMMIT")
+        const db = yield* TestDatabase.TestDatabase
+        assert.deepStrictEqual(yield* db.outside("SELECT id FROM migrated"), [{ id: 1 }])
       })
     )
 
