@@ -1,6 +1,6 @@
 import { Migrator, SqlClient } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
-import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option } from "effect"
+import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option, Schedule } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
 import * as Recorder from "./utils/Recorder.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
@@ -269,22 +269,29 @@ describe("failures of control statements", () => {
           "INSERT INTO doctors VALUES ('alice', true), ('bob', true)"
         )
         const sql = yield* SqlClient.SqlClient
-        const bothRead = yield* Deferred.make<void>()
-        const firstCommitted = yield* Deferred.make<void>()
-        let reads = 0
-        // Classic write skew: each reads that two doctors are on call, then takes one off.
-        const goOffCall = (name: string, waitFor: Deferred.Deferred<void> | undefined) =>
-          Effect.gen(function* () {
-            yield* sql`SELECT count(*) FROM doctors WHERE on_call`
-            if (++reads === 2) yield* Deferred.succeed(bothRead, undefined)
-            yield* Deferred.await(bothRead)
-            yield* sql`UPDATE doctors SET on_call = false WHERE name = ${name}`
-            if (waitFor !== undefined) yield* Deferred.await(waitFor)
-          }).pipe(Transaction.withTransaction({ isolation: "serializable" }))
-        const first = yield* Effect.fork(
-          goOffCall("alice", undefined).pipe(Effect.zipLeft(Deferred.succeed(firstCommitted, undefined)))
+        const aliceRead = yield* Deferred.make<void>()
+        const bobUpdated = yield* Deferred.make<void>()
+        const aliceCommitted = yield* Deferred.make<void>()
+        // Classic write skew, in a fixed order: both read that two doctors are on call, both take one off, alice
+        // commits first. Bob's UPDATE runs before alice's COMMIT, so the conflict can only surface at bob's COMMIT.
+        const alice = Effect.gen(function* () {
+          yield* sql`SELECT count(*) FROM doctors WHERE on_call`
+          yield* Deferred.succeed(aliceRead, undefined)
+          yield* sql`UPDATE doctors SET on_call = false WHERE name = 'alice'`
+          yield* Deferred.await(bobUpdated)
+        }).pipe(
+          Transaction.withTransaction({ isolation: "serializable" }),
+          Effect.zipRight(Deferred.succeed(aliceCommitted, undefined))
         )
-        const second = yield* Effect.exit(goOffCall("bob", firstCommitted))
+        const bob = Effect.gen(function* () {
+          yield* Deferred.await(aliceRead)
+          yield* sql`SELECT count(*) FROM doctors WHERE on_call`
+          yield* sql`UPDATE doctors SET on_call = false WHERE name = 'bob'`
+          yield* Deferred.succeed(bobUpdated, undefined)
+          yield* Deferred.await(aliceCommitted)
+        }).pipe(Transaction.withTransaction({ isolation: "serializable" }))
+        const first = yield* Effect.fork(alice)
+        const second = yield* Effect.exit(bob)
         yield* Fiber.join(first)
         const error = transactionError(second)
         assert.strictEqual(error.reason, "SerializationFailure")
@@ -324,6 +331,14 @@ describe("failures of control statements", () => {
       )
     )
 
+    /** Polls until the backend `pid` has left the server (a closed connection's backend exits asynchronously). */
+    const gone = (pid: number) =>
+      backends.pipe(
+        Effect.map((rows) => rows.some((row) => row.pid === pid)),
+        Effect.repeat({ while: (alive) => alive, schedule: Schedule.spaced("50 millis"), times: 100 }),
+        Effect.map((alive) => !alive)
+      )
+
     it.effect("a connection whose ROLLBACK failed is closed, never returned to the pool", () =>
       Effect.gen(function* () {
         yield* items
@@ -338,9 +353,7 @@ describe("failures of control statements", () => {
         assert.strictEqual((failures[1] as TransactionError.TransactionError).reason, "RollbackFailed")
         const pid = recorder.pids[recorder.pids.length - 1]!
         // The simulated failure left that session inside its transaction: it must be gone, not pooled.
-        yield* Effect.sleep("100 millis")
-        const alive = (yield* backends).filter((row) => row.pid === pid)
-        assert.deepStrictEqual(alive, [])
+        assert.isTrue(yield* gone(pid))
         assert.deepStrictEqual(yield* committedIds, [])
         yield* insert(2).pipe(Transaction.withTransaction())
         assert.deepStrictEqual(yield* committedIds, [2])
@@ -377,12 +390,7 @@ describe("failures of control statements", () => {
           "COMMIT",
           "ROLLBACK"
         ])
-        yield* Effect.sleep("100 millis")
-        const pid = recorder.pids[recorder.pids.length - 1]!
-        assert.deepStrictEqual(
-          (yield* backends).filter((row) => row.pid === pid),
-          []
-        )
+        assert.isTrue(yield* gone(recorder.pids[recorder.pids.length - 1]!))
         assert.deepStrictEqual(yield* committedIds, [])
       })
     )
@@ -459,6 +467,35 @@ describe("the SQL a transaction sends", () => {
           "INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
+      })
+    )
+  })
+})
+
+describe("inside a transaction opened by other code", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("nests as a released savepoint on that transaction's connection", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const locks = sql<{ n: number }>`SELECT count(*)::int AS n FROM pg_locks
+          WHERE pid = pg_backend_pid() AND locktype = 'transactionid'`
+        const openSubtransactions = yield* Effect.gen(function* () {
+          yield* insert(1).pipe(Transaction.withTransaction())
+          yield* Effect.ignore(Effect.zipRight(insert(2), Effect.fail("no")).pipe(Transaction.withTransaction()))
+          yield* insert(3)
+          return (yield* locks)[0]!.n - 1
+        }).pipe(sql.withTransaction)
+        assert.strictEqual(openSubtransactions, 0)
+        assert.deepStrictEqual(yield* committedIds, [1, 3])
+        // The nested block's writes belong to the outer transaction: they go when it rolls back.
+        const exit = yield* Effect.exit(
+          Effect.zipRight(insert(4).pipe(Transaction.withTransaction()), Effect.fail("outer fails")).pipe(
+            sql.withTransaction
+          )
+        )
+        assert.deepStrictEqual(exit, Exit.fail("outer fails"))
+        assert.deepStrictEqual(yield* committedIds, [1, 3])
       })
     )
   })
