@@ -27,6 +27,8 @@ export interface Dialect {
   /** Runs COMMIT; succeeds with `false` when the database ended the transaction with a rollback instead. */
   readonly commit: (conn: Connection) => Effect.Effect<boolean, SqlError>
   readonly rollback: string
+  /** Waits until a statement the driver is still running on the connection (one that was interrupted) has ended. */
+  readonly settle: (conn: Connection) => Effect.Effect<void>
   /** Makes sure the connection is closed instead of going back to the pool. */
   readonly destroy: (conn: Connection) => Effect.Effect<void>
 }
@@ -34,7 +36,12 @@ export interface Dialect {
 interface PgLikeClient {
   readonly emit: (event: "error", error: Error) => boolean
   readonly listenerCount: (event: "error") => number
+  readonly once: (event: "drain" | "end", listener: () => void) => void
+  readonly off: (event: "drain" | "end", listener: () => void) => void
   readonly end: () => Promise<void>
+  readonly readyForQuery?: boolean
+  readonly _queryQueue?: ReadonlyArray<unknown>
+  readonly _ending?: boolean
 }
 
 const pgClientOf = (conn: Connection): PgLikeClient | undefined => {
@@ -66,6 +73,26 @@ export const postgres: Dialect = {
       return command !== "ROLLBACK"
     }),
   rollback: "ROLLBACK",
+  // node-postgres queues a query sent while another runs; an interrupted query keeps running until the server
+  // answers its cancellation, and the client says "drain" when nothing is left in flight.
+  settle: (conn) => {
+    const client = pgClientOf(conn)
+    const busy = (c: PgLikeClient) => c.readyForQuery === false || (c._queryQueue?.length ?? 0) > 0
+    if (client === undefined || client._ending === true || !busy(client)) return Effect.void
+    return Effect.async<void>((resume) => {
+      const done = () => {
+        client.off("drain", done)
+        client.off("end", done)
+        resume(Effect.void)
+      }
+      client.once("drain", done)
+      client.once("end", done)
+      return Effect.sync(() => {
+        client.off("drain", done)
+        client.off("end", done)
+      })
+    })
+  },
   // @effect/sql-pg releases a reserved client with the error it saw on it, and node-postgres' pool closes a
   // client released with an error. Without a listener, ending the client has the same effect on release.
   destroy: (conn) =>

@@ -26,12 +26,29 @@ export const Current = Context.GenericTag<Transaction.Current, Transaction.Trans
 
 let nextTransactionId = 1
 
-/** One outermost transaction: its connection and what is pending on it. */
+/** A fiber waiting for the connection. */
+interface Waiter {
+  readonly frame: Frame
+  /** A statement or a new nested block needs its block innermost; ending a block only needs a free connection. */
+  readonly kind: "statement" | "end"
+  granted: boolean
+  readonly resume: (granted: boolean) => void
+}
+
+/**
+ * One outermost transaction. Its connection carries one statement at a time (`busy`), and only for the innermost
+ * open block (the top of `stack`): a nested block owns the connection until it ends, so the fibers of outer or
+ * sibling blocks wait, and the result is as if the blocks had run one after another.
+ */
 interface Tx {
   readonly id: number
   readonly conn: Connection
   readonly dialect: Dialect
   readonly characteristics: Characteristics
+  /** The open blocks, outermost first. */
+  readonly stack: Array<Frame>
+  busy: boolean
+  readonly waiters: Array<Waiter>
   /** Counter for savepoint names, unique within the transaction. */
   savepoints: number
   /** A savepoint whose block succeeded; its RELEASE travels with the next control statement. */
@@ -40,9 +57,24 @@ interface Tx {
   broken: boolean
 }
 
+const makeTx = (conn: Connection, dialect: Dialect, characteristics: Characteristics): Tx => ({
+  id: nextTransactionId++,
+  conn,
+  dialect,
+  characteristics,
+  stack: [],
+  busy: false,
+  waiters: [],
+  savepoints: 0,
+  pendingRelease: undefined,
+  broken: false
+})
+
 /** One block: the outermost transaction (depth 0) or a nested savepoint. */
 class Frame implements Transaction.Transaction {
   open = true
+  /** Closed because an outer block ended first; its savepoint was rolled back by that block. */
+  abandoned = false
   /** A statement inside this block failed, so the database refuses further work until it is rolled back. */
   aborted = false
   readonly connection: Connection
@@ -72,26 +104,100 @@ class Frame implements Transaction.Transaction {
     return this.open
   }
   describe() {
-    return this.depth === 0
+    return this.depth === 0 || this.savepoint === undefined
       ? `transaction ${this.tx.id}`
       : `nested block ${this.savepoint} of transaction ${this.tx.id}`
   }
 }
 
 // ---------------------------------------------------------------------------
-// the guarded connection every statement inside a block runs on
+// who may use the connection
 // ---------------------------------------------------------------------------
+
+const closedTransactionError = (frame: Frame, what: string) =>
+  new TransactionError({
+    reason: "TransactionClosed",
+    message:
+      `${what} on ${frame.describe()} after it ended. ` +
+      "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
+      "or run the work in its own transaction."
+  })
 
 const closedError = (frame: Frame) =>
   new SqlError({
     message: `${frame.describe()} has already ended`,
-    cause: new TransactionError({
-      reason: "TransactionClosed",
-      message:
-        `A statement was run on ${frame.describe()} after it ended. ` +
-        "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
-        "or run the work in its own transaction."
+    cause: closedTransactionError(frame, "A statement was run")
+  })
+
+const innermost = (tx: Tx) => tx.stack[tx.stack.length - 1]
+
+const mayUse = (tx: Tx, waiter: Pick<Waiter, "frame" | "kind">) =>
+  waiter.kind === "end" || innermost(tx) === waiter.frame
+
+/** Refuses the waiters of closed blocks and hands the free connection to the first waiter that may use it. */
+const wake = (tx: Tx) => {
+  for (let i = 0; i < tx.waiters.length; ) {
+    const waiter = tx.waiters[i]!
+    if (waiter.kind === "statement" && !waiter.frame.open) {
+      tx.waiters.splice(i, 1)
+      waiter.resume(false)
+    } else if (!tx.busy && mayUse(tx, waiter)) {
+      tx.waiters.splice(i, 1)
+      tx.busy = true
+      waiter.granted = true
+      waiter.resume(true)
+    } else {
+      i++
+    }
+  }
+}
+
+const release = (tx: Tx) => {
+  tx.busy = false
+  if (tx.waiters.length > 0) wake(tx)
+}
+
+const releaseEffect = (tx: Tx) => Effect.sync(() => release(tx))
+
+const granted = Effect.succeed(true)
+
+/**
+ * Waits, interruptibly, until `frame` may use the connection and takes it (`true`), or until the block has
+ * closed (`false`, for statements and new nested blocks only).
+ */
+const acquire = (frame: Frame, kind: Waiter["kind"]): Effect.Effect<boolean> => {
+  const tx = frame.tx
+  if (kind === "statement" && !frame.open) return Effect.succeed(false)
+  if (!tx.busy && mayUse(tx, { frame, kind })) {
+    tx.busy = true
+    return granted
+  }
+  return Effect.async<boolean>((resume) => {
+    const waiter: Waiter = { frame, kind, granted: false, resume: (ok) => resume(Effect.succeed(ok)) }
+    tx.waiters.push(waiter)
+    return Effect.sync(() => {
+      const index = tx.waiters.indexOf(waiter)
+      if (index >= 0) tx.waiters.splice(index, 1)
+      else if (waiter.granted) release(tx)
     })
+  })
+}
+
+/** Runs `use` holding the connection for `frame`; waiting is interruptible, handing back is guaranteed. */
+const holding = <A>(frame: Frame, use: Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
+  Effect.uninterruptibleMask((restore) =>
+    Effect.flatMap(restore(acquire(frame, "statement")), (ok) =>
+      ok ? Effect.ensuring(restore(use), releaseEffect(frame.tx)) : Effect.fail(closedError(frame))
+    )
+  )
+
+// ---------------------------------------------------------------------------
+// the guarded connection every statement inside a block runs on
+// ---------------------------------------------------------------------------
+
+const markAborted = (frame: Frame) =>
+  Effect.sync(() => {
+    frame.aborted = true
   })
 
 /** Sends a deferred RELEASE before a statement, so open savepoints never outnumber open blocks. */
@@ -104,17 +210,19 @@ const flushPendingRelease = (frame: Frame): Effect.Effect<void, SqlError> => {
   )
 }
 
-const markAborted = (frame: Frame) =>
-  Effect.sync(() => {
-    frame.aborted = true
-  })
-
-/** Called by @effect/sql when the statement runs, so the checks see the block as it is at that moment. */
-const guarded = <A>(frame: Frame, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> => {
-  if (!frame.open) return Effect.fail(closedError(frame))
-  const statement = Effect.tapError(run(), () => markAborted(frame))
-  return frame.tx.pendingRelease === undefined ? statement : Effect.zipRight(flushPendingRelease(frame), statement)
-}
+/**
+ * Called by @effect/sql when the statement runs. An interrupted statement is cancelled by the driver; the
+ * connection is handed on only once the database has answered it, so statements never overlap on the wire.
+ */
+const guarded = <A>(frame: Frame, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
+  holding(
+    frame,
+    Effect.suspend(() => {
+      const tx = frame.tx
+      const statement = Effect.tapError(run(), () => markAborted(frame))
+      return tx.pendingRelease === undefined ? statement : Effect.zipRight(flushPendingRelease(frame), statement)
+    }).pipe(Effect.onInterrupt(() => frame.tx.dialect.settle(frame.tx.conn)))
+  )
 
 const guardConnection = (frame: Frame): Connection => {
   const conn = frame.tx.conn
@@ -124,11 +232,22 @@ const guardConnection = (frame: Frame): Connection => {
     executeValues: (sql, params) => guarded(frame, () => conn.executeValues(sql, params)),
     executeUnprepared: (sql, params, transformRows) =>
       guarded(frame, () => conn.executeUnprepared(sql, params, transformRows)),
+    // A stream holds the connection until it is closed.
     executeStream: (sql, params, transformRows) =>
-      Stream.unwrap(
-        Effect.as(
-          guarded(frame, () => Effect.void),
-          Stream.tapError(conn.executeStream(sql, params, transformRows), () => markAborted(frame))
+      Stream.unwrapScoped(
+        Effect.uninterruptibleMask((restore) =>
+          Effect.flatMap(restore(acquire(frame, "statement")), (ok) =>
+            ok
+              ? Effect.addFinalizer(() =>
+                  Effect.zipRight(frame.tx.dialect.settle(frame.tx.conn), releaseEffect(frame.tx))
+                )
+              : Effect.fail(closedError(frame))
+          )
+        ).pipe(
+          Effect.zipRight(
+            Effect.suspend(() => (frame.tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(frame)))
+          ),
+          Effect.as(Stream.tapError(conn.executeStream(sql, params, transformRows), () => markAborted(frame)))
         )
       )
   }
@@ -258,10 +377,25 @@ const abortedError = (frame: Frame) =>
 
 const run = (conn: Connection, sql: string) => Effect.asVoid(conn.executeUnprepared(sql, [], undefined))
 
+/**
+ * Closes the blocks still open inside `frame` and rolls their writes back: a block that ends before the nested
+ * blocks its fibers started keeps none of their unfinished work. Their fibers' next statement is refused.
+ */
+const closeInner = (frame: Frame): Effect.Effect<void> =>
+  Effect.suspend(() => {
+    const tx = frame.tx
+    const inner = tx.stack.splice(tx.stack.indexOf(frame) + 1)
+    if (inner.length === 0) return Effect.void
+    for (const block of inner) {
+      block.open = false
+      block.abandoned = true
+    }
+    tx.pendingRelease = undefined
+    return Effect.catchAllCause(run(tx.conn, tx.dialect.rollbackTo(inner[0]!.savepoint!)), () => markAborted(frame))
+  })
+
 const finishOutermost = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
-  frame.open = false
-  tx.pendingRelease = undefined
   const rollback = (onRolledBack: Effect.Effect<A, E | TransactionError>) =>
     Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollback), {
       onFailure: (cause) => {
@@ -276,23 +410,33 @@ const finishOutermost = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effe
       },
       onSuccess: () => onRolledBack
     })
-  if (Exit.isFailure(exit)) return rollback(exit)
-  if (frame.aborted) return rollback(Effect.fail(abortedError(frame)))
-  return Effect.matchCauseEffect(tx.dialect.commit(tx.conn), {
-    onFailure: (cause) =>
-      rollback(
-        Effect.fail(
-          controlError(
-            "CommitFailed",
-            `COMMIT of ${frame.describe()}`,
-            "The transaction was rolled back; nothing was committed.",
-            Cause.squash(cause)
+  const end = Effect.suspend(() => {
+    frame.open = false
+    tx.stack.length = 0
+    tx.pendingRelease = undefined
+    if (Exit.isFailure(exit)) return rollback(exit)
+    if (frame.aborted) return rollback(Effect.fail(abortedError(frame)))
+    return Effect.matchCauseEffect(tx.dialect.commit(tx.conn), {
+      onFailure: (cause) =>
+        rollback(
+          Effect.fail(
+            controlError(
+              "CommitFailed",
+              `COMMIT of ${frame.describe()}`,
+              "The transaction was rolled back; nothing was committed.",
+              Cause.squash(cause)
+            )
           )
-        )
-      ),
-    onSuccess: (committed): Effect.Effect<A, E | TransactionError> =>
-      committed ? exit : Effect.fail(abortedError(frame))
+        ),
+      onSuccess: (committed): Effect.Effect<A, E | TransactionError> =>
+        committed ? exit : Effect.fail(abortedError(frame))
+    })
   })
+  return acquire(frame, "end").pipe(
+    Effect.zipRight(closeInner(frame)),
+    Effect.zipRight(end),
+    Effect.ensuring(releaseEffect(tx))
+  )
 }
 
 const outermost = <A, E, R>(
@@ -320,15 +464,7 @@ const outermost = <A, E, R>(
         )
       ),
       Effect.flatMap((conn) => {
-        tx = {
-          id: nextTransactionId++,
-          conn,
-          dialect,
-          characteristics,
-          savepoints: 0,
-          pendingRelease: undefined,
-          broken: false
-        }
+        tx = makeTx(conn, dialect, characteristics)
         const frame = new Frame(tx, undefined, 0, undefined)
         return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
           onFailure: (cause) => {
@@ -341,8 +477,12 @@ const outermost = <A, E, R>(
               Cause.squash(cause)
             )
           },
-          onSuccess: () =>
-            Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishOutermost(frame, exit))
+          onSuccess: () => {
+            tx!.stack.push(frame)
+            return Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) =>
+              finishOutermost(frame, exit)
+            )
+          }
         })
       }),
       Effect.onExit((exit) =>
@@ -353,73 +493,91 @@ const outermost = <A, E, R>(
     )
   })
 
+const abandonedResult = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> =>
+  Exit.isFailure(exit)
+    ? exit
+    : Effect.fail(
+        new TransactionError({
+          reason: "TransactionClosed",
+          message:
+            `${frame.describe()} was still running when an outer block ended, so its writes were rolled back ` +
+            "with it. Join the fiber that runs a nested block before the outer block returns."
+        })
+      )
+
 const finishNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
-  const parent = frame.parent!
+  if (frame.abandoned) return abandonedResult(frame, exit)
   const name = frame.savepoint!
-  frame.open = false
-  if (Exit.isSuccess(exit) && !frame.aborted) {
-    // Releasing this savepoint releases any deeper one still pending.
-    tx.pendingRelease = name
-    return exit
-  }
-  // Rolling back to this savepoint destroys any deeper one still pending.
-  tx.pendingRelease = undefined
-  return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollbackTo(name)), {
-    onFailure: (cause) => {
-      parent.aborted = true
-      const error = controlError(
-        "SavepointFailed",
-        `ROLLBACK TO SAVEPOINT of ${frame.describe()}`,
-        "The outer transaction cannot go on and will be rolled back.",
-        Cause.squash(cause)
-      )
-      return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
-    },
-    onSuccess: (): Effect.Effect<A, E | TransactionError> =>
-      Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
+  const end = Effect.suspend((): Effect.Effect<A, E | TransactionError> => {
+    // An outer block may have ended while this one waited for the connection.
+    if (frame.abandoned) return abandonedResult(frame, exit)
+    return Effect.zipRight(
+      closeInner(frame),
+      Effect.suspend(() => {
+        tx.stack.pop()
+        frame.open = false
+        if (Exit.isSuccess(exit) && !frame.aborted) {
+          // Releasing this savepoint releases any deeper one still pending.
+          tx.pendingRelease = name
+          return exit
+        }
+        // Rolling back to this savepoint destroys any deeper one still pending.
+        tx.pendingRelease = undefined
+        return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollbackTo(name)), {
+          onFailure: (cause) => {
+            frame.parent!.aborted = true
+            const error = controlError(
+              "SavepointFailed",
+              `ROLLBACK TO SAVEPOINT of ${frame.describe()}`,
+              "The outer transaction cannot go on and will be rolled back.",
+              Cause.squash(cause)
+            )
+            return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
+          },
+          onSuccess: (): Effect.Effect<A, E | TransactionError> =>
+            Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
+        })
+      })
+    )
   })
+  return acquire(frame, "end").pipe(Effect.zipRight(end), Effect.ensuring(releaseEffect(tx)))
 }
 
 const nested = <A, E, R>(
   parent: Frame,
   effect: Effect.Effect<A, E, R>,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
-): Effect.Effect<A, E | TransactionError, R> => {
-  const tx = parent.tx
-  if (!parent.open) {
-    return Effect.fail(
-      new TransactionError({
-        reason: "TransactionClosed",
-        message:
-          `A nested block was started on ${parent.describe()} after it ended. ` +
-          "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns."
-      })
-    )
-  }
-  const name = `etx_${++tx.savepoints}`
-  const pending = tx.pendingRelease
-  tx.pendingRelease = undefined
-  const sql =
-    pending === undefined
-      ? tx.dialect.savepoint(name)
-      : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
-  return Effect.matchCauseEffect(run(tx.conn, sql), {
-    onFailure: (cause) => {
-      parent.aborted = true
-      return controlError(
-        "SavepointFailed",
-        `SAVEPOINT for a nested block of ${parent.describe()}`,
-        "The nested block did not run.",
-        Cause.squash(cause)
-      )
-    },
-    onSuccess: () => {
-      const frame = new Frame(tx, parent, parent.depth + 1, name)
-      return Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishNested(frame, exit))
-    }
+): Effect.Effect<A, E | TransactionError, R> =>
+  Effect.flatMap(restore(acquire(parent, "statement")), (ok) => {
+    if (!ok) return Effect.fail(closedTransactionError(parent, "A nested block was started"))
+    const tx = parent.tx
+    const name = `etx_${++tx.savepoints}`
+    const pending = tx.pendingRelease
+    tx.pendingRelease = undefined
+    const sql =
+      pending === undefined
+        ? tx.dialect.savepoint(name)
+        : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
+    return Effect.matchCauseEffect(run(tx.conn, sql), {
+      onFailure: (cause) => {
+        parent.aborted = true
+        release(tx)
+        return controlError(
+          "SavepointFailed",
+          `SAVEPOINT for a nested block of ${parent.describe()}`,
+          "The nested block did not run.",
+          Cause.squash(cause)
+        )
+      },
+      onSuccess: () => {
+        const frame = new Frame(tx, parent, parent.depth + 1, name)
+        tx.stack.push(frame)
+        release(tx)
+        return Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishNested(frame, exit))
+      }
+    })
   })
-}
 
 /** Runs `effect` in a transaction of `client`, or in a savepoint when one is already open in the fiber. */
 export const transact = <A, E, R>(
@@ -443,16 +601,9 @@ export const transact = <A, E, R>(
     if (foreign._tag === "Some") {
       // A transaction opened by other code on this fiber: nest inside it instead of opening a second one.
       const [conn, depth] = foreign.value
-      const adopted: Tx = {
-        id: nextTransactionId++,
-        conn,
-        dialect,
-        characteristics: { isolation: undefined, readOnly: undefined, deferrable: undefined },
-        savepoints: 0,
-        pendingRelease: undefined,
-        broken: false
-      }
+      const adopted = makeTx(conn, dialect, { isolation: undefined, readOnly: undefined, deferrable: undefined })
       const root = new Frame(adopted, undefined, depth, undefined)
+      adopted.stack.push(root)
       return Effect.uninterruptibleMask((restore) =>
         Effect.ensuring(
           nested(root, effect, restore),

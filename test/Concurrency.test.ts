@@ -1,0 +1,363 @@
+import { SqlClient } from "@effect/sql"
+import { assert, describe, layer } from "@effect/vitest"
+import { Cause, Deferred, Effect, Exit, Fiber, Option } from "effect"
+import { Transaction, type TransactionError } from "effect-transaction"
+import * as TestDatabase from "./utils/TestDatabase.js"
+
+// node-postgres warns (once per process) when a query is sent while another is running on the same client.
+const warnings: Array<string> = []
+process.on("warning", (warning) => warnings.push(warning.message))
+const overlapWarnings = () => warnings.filter((message) => message.includes("already executing a query"))
+
+const Db = TestDatabase.layer({ applicationName: "etx-concurrency" })
+
+const items = TestDatabase.setup(
+  "DROP TABLE IF EXISTS items",
+  "CREATE TABLE items (id int PRIMARY KEY, owner text NOT NULL DEFAULT '')"
+)
+
+const insert = (id: number, owner = "") =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO items (id, owner) VALUES (${id}, ${owner})`)
+
+const range = (from: number, to: number) => Array.from({ length: to - from + 1 }, (_, i) => from + i)
+
+const committedIds = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
+  Effect.map(db.outside<{ id: number }>("SELECT id FROM items ORDER BY id"), (rows) => rows.map((row) => row.id))
+)
+
+const sessions = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
+  db.outside<{ pid: number; state: string }>(
+    "SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'etx-concurrency'"
+  )
+)
+
+/** A hang becomes a test failure instead of a time-out of the whole file. */
+const noDeadlock = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+  Effect.timeoutFail(effect, { duration: "15 seconds", onTimeout: () => "deadlock: the program did not finish" })
+
+const failureOf = <A, E>(exit: Exit.Exit<A, E>) =>
+  Exit.isFailure(exit) ? Option.getOrUndefined(Cause.failureOption(exit.cause)) : undefined
+
+describe("fibers inside a transaction", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("forked fibers run their statements on the transaction's connection", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const pids = yield* Effect.gen(function* () {
+          const pids = yield* Effect.forEach(
+            range(1, 20),
+            (id) => Effect.zipRight(insert(id), sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`),
+            { concurrency: "unbounded" }
+          )
+          const forked = yield* Effect.fork(sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`)
+          return [...pids, yield* Fiber.join(forked)].map((rows) => rows[0]!.pid)
+        }).pipe(Transaction.withTransaction())
+        assert.strictEqual(new Set(pids).size, 1)
+        assert.deepStrictEqual(yield* committedIds, range(1, 20))
+      })
+    )
+
+    it.effect("the writes of forked fibers roll back with their transaction", () =>
+      Effect.gen(function* () {
+        yield* items
+        const exit = yield* Effect.exit(
+          Effect.forEach(range(1, 10), (id) => insert(id), { concurrency: "unbounded" }).pipe(
+            Effect.zipRight(Effect.fail("boom")),
+            Transaction.withTransaction()
+          )
+        )
+        assert.deepStrictEqual(exit, Exit.fail("boom"))
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.effect("two concurrent nested blocks where one fails keep every row of the other", () =>
+      Effect.gen(function* () {
+        yield* items
+        const [kept, failed] = yield* Effect.all(
+          [
+            Effect.forEach(range(1, 5), (id) => insert(id), { discard: true }).pipe(Transaction.withTransaction()),
+            Effect.forEach(range(6, 10), (id) => insert(id), { discard: true }).pipe(
+              Effect.zipRight(Effect.fail("second block fails")),
+              Transaction.withTransaction()
+            )
+          ],
+          { concurrency: 2, mode: "either" }
+        ).pipe(Transaction.withTransaction())
+        assert.isTrue(kept._tag === "Right")
+        assert.isTrue(failed._tag === "Left")
+        assert.deepStrictEqual(yield* committedIds, range(1, 5))
+      })
+    )
+
+    it.effect("concurrent nested blocks behave as if run one after another", () =>
+      Effect.gen(function* () {
+        yield* TestDatabase.setup("DROP TABLE IF EXISTS seq", "CREATE TABLE seq (n int PRIMARY KEY)")
+        const sql = yield* SqlClient.SqlClient
+        // Read the maximum, then write the next number: two interleaved blocks would write the same number.
+        const next = Effect.gen(function* () {
+          const [row] = yield* sql<{ n: number }>`SELECT coalesce(max(n), 0)::int AS n FROM seq`
+          yield* Effect.yieldNow()
+          yield* sql`INSERT INTO seq VALUES (${row!.n + 1})`
+        }).pipe(Transaction.withTransaction())
+        yield* Effect.forEach(range(1, 30), () => next, { concurrency: "unbounded", discard: true }).pipe(
+          Transaction.withTransaction(),
+          noDeadlock
+        )
+        const db = yield* TestDatabase.TestDatabase
+        const rows = yield* db.outside<{ n: number }>("SELECT n FROM seq ORDER BY n")
+        assert.deepStrictEqual(
+          rows.map((row) => row.n),
+          range(1, 30)
+        )
+      })
+    )
+  })
+})
+
+describe("no deadlock in the ordinary patterns", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("parallel nested blocks", () =>
+      Effect.gen(function* () {
+        yield* items
+        yield* Effect.forEach(range(1, 12), (id) => insert(id).pipe(Transaction.withTransaction()), {
+          concurrency: "unbounded",
+          discard: true
+        }).pipe(Transaction.withTransaction(), noDeadlock)
+        assert.deepStrictEqual(yield* committedIds, range(1, 12))
+      })
+    )
+
+    it.effect("a nested block that forks children and joins them", () =>
+      Effect.gen(function* () {
+        yield* items
+        yield* Effect.gen(function* () {
+          const children = yield* Effect.forEach(range(1, 6), (id) =>
+            Effect.fork(id % 2 === 0 ? insert(id).pipe(Transaction.withTransaction()) : insert(id))
+          )
+          yield* Fiber.joinAll(children)
+        }).pipe(Transaction.withTransaction(), Transaction.withTransaction(), noDeadlock)
+        assert.deepStrictEqual(yield* committedIds, range(1, 6))
+      })
+    )
+
+    it.effect("statements of the parent fiber while a child's nested block runs", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const order: Array<string> = []
+        yield* Effect.gen(function* () {
+          const started = yield* Deferred.make<void>()
+          const child = yield* Effect.fork(
+            Effect.gen(function* () {
+              yield* insert(1)
+              yield* Deferred.succeed(started, undefined)
+              yield* sql`SELECT pg_sleep(0.2)`
+              yield* insert(2)
+              order.push("child block ends")
+            }).pipe(Transaction.withTransaction())
+          )
+          yield* Deferred.await(started)
+          // Waits until the child's block has ended: the block owns the connection.
+          yield* insert(3)
+          order.push("parent statement ran")
+          yield* Fiber.join(child)
+        }).pipe(Transaction.withTransaction(), noDeadlock)
+        assert.deepStrictEqual(order, ["child block ends", "parent statement ran"])
+        assert.deepStrictEqual(yield* committedIds, [1, 2, 3])
+      })
+    )
+
+    it.effect("nested blocks three levels deep in parallel", () =>
+      Effect.gen(function* () {
+        yield* items
+        const level = (base: number, depth: number): Effect.Effect<void, unknown, SqlClient.SqlClient> =>
+          Effect.zipRight(
+            insert(base),
+            depth === 3
+              ? Effect.void
+              : Effect.forEach([1, 2], (i) => level(base * 10 + i, depth + 1), {
+                  concurrency: "unbounded",
+                  discard: true
+                })
+          ).pipe(Transaction.withTransaction())
+        yield* Effect.forEach([1, 2, 3], (i) => level(i, 1), { concurrency: "unbounded", discard: true }).pipe(
+          Transaction.withTransaction(),
+          noDeadlock
+        )
+        // 3 blocks at depth 1, 6 at depth 2, 12 at depth 3.
+        assert.strictEqual((yield* committedIds).length, 21)
+      })
+    )
+
+    it.effect("a failing block among parallel ones rolls back alone, whatever the interleaving", () =>
+      Effect.gen(function* () {
+        yield* items
+        const outcomes = yield* Effect.forEach(
+          range(1, 20),
+          (id) =>
+            Effect.zipRight(insert(id), id % 3 === 0 ? Effect.fail(id) : Effect.void).pipe(
+              Transaction.withTransaction(),
+              Effect.either
+            ),
+          { concurrency: "unbounded" }
+        ).pipe(Transaction.withTransaction(), noDeadlock)
+        assert.strictEqual(outcomes.filter((outcome) => outcome._tag === "Left").length, 6)
+        assert.deepStrictEqual(
+          yield* committedIds,
+          range(1, 20).filter((id) => id % 3 !== 0)
+        )
+      })
+    )
+  })
+})
+
+describe("lifetime", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("a nested block still running when its outer block ends is rolled back and closed", () =>
+      Effect.gen(function* () {
+        yield* items
+        const inBlock = yield* Deferred.make<void>()
+        const goOn = yield* Deferred.make<void>()
+        const straggler = yield* Effect.gen(function* () {
+          yield* insert(1)
+          const fiber = yield* Effect.forkDaemon(
+            Effect.gen(function* () {
+              yield* insert(2)
+              yield* Deferred.succeed(inBlock, undefined)
+              yield* Deferred.await(goOn)
+              yield* insert(3)
+            }).pipe(Transaction.withTransaction())
+          )
+          yield* Deferred.await(inBlock)
+          return fiber
+        }).pipe(Transaction.withTransaction())
+        yield* Deferred.succeed(goOn, undefined)
+        const exit = yield* Fiber.await(straggler)
+        const failure = failureOf(exit) as { readonly _tag: string; readonly cause?: unknown } | undefined
+        assert.strictEqual(failure?._tag, "SqlError")
+        assert.strictEqual((failure?.cause as TransactionError.TransactionError).reason, "TransactionClosed")
+        assert.deepStrictEqual(yield* committedIds, [1])
+      })
+    )
+
+    it.effect("a nested block started on an ended transaction is a TransactionClosed error", () =>
+      Effect.gen(function* () {
+        const goOn = yield* Deferred.make<void>()
+        const fiber = yield* Effect.forkDaemon(Deferred.await(goOn)).pipe(
+          Effect.flatMap((waiting) =>
+            Effect.forkDaemon(Effect.zipRight(Fiber.join(waiting), Effect.void.pipe(Transaction.withTransaction())))
+          ),
+          Transaction.withTransaction()
+        )
+        yield* Deferred.succeed(goOn, undefined)
+        const error = failureOf(yield* Fiber.await(fiber)) as TransactionError.TransactionError
+        assert.strictEqual(error.reason, "TransactionClosed")
+        assert.match(error.message, /A nested block was started on transaction \d+ after it ended/)
+      })
+    )
+  })
+})
+
+describe("interruption, time-outs and lost connections", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    const noneIdleInTransaction = Effect.map(sessions, (rows) =>
+      rows.filter((row) => row.state.startsWith("idle in transaction"))
+    )
+    const running = (query: string) =>
+      Effect.flatMap(TestDatabase.TestDatabase, (db) =>
+        db.outside("SELECT pid FROM pg_stat_activity WHERE query = $1 AND state = 'active'", [query])
+      )
+
+    it.effect("Effect.timeout around a transaction cancels the running statement and rolls back", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const result = yield* Effect.zipRight(insert(1), sql`SELECT pg_sleep(30)`).pipe(
+          Transaction.withTransaction(),
+          Effect.timeout("300 millis"),
+          Effect.either
+        )
+        assert.strictEqual(result._tag, "Left")
+        assert.deepStrictEqual(yield* running("SELECT pg_sleep(30)"), [])
+        assert.deepStrictEqual(yield* noneIdleInTransaction, [])
+        assert.deepStrictEqual(yield* committedIds, [])
+        yield* insert(2).pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(yield* committedIds, [2])
+      })
+    )
+
+    it.effect("interrupting concurrent statements of one transaction never overlaps them on the connection", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const fiber = yield* Effect.fork(
+          Effect.forEach(range(1, 8), (id) => Effect.zipRight(insert(id), sql`SELECT pg_sleep(0.05)`), {
+            concurrency: "unbounded",
+            discard: true
+          }).pipe(Transaction.withTransaction())
+        )
+        yield* Effect.sleep("120 millis")
+        yield* Fiber.interrupt(fiber)
+        assert.deepStrictEqual(yield* committedIds, [])
+        assert.deepStrictEqual(yield* noneIdleInTransaction, [])
+        yield* insert(9).pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(yield* committedIds, [9])
+      })
+    )
+
+    it.effect("a backend terminated mid-transaction: typed errors, the connection is dropped, the pool recovers", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const db = yield* TestDatabase.TestDatabase
+        const exit = yield* Effect.exit(
+          Effect.gen(function* () {
+            yield* insert(1)
+            const [{ pid }] = (yield* sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`) as [{ pid: number }]
+            yield* db.outside("SELECT pg_terminate_backend($1)", [pid])
+            yield* insert(2)
+          }).pipe(Transaction.withTransaction())
+        )
+        assert.isTrue(Exit.isFailure(exit))
+        const failures = Exit.isFailure(exit) ? Array.from(Cause.failures(exit.cause)) : []
+        assert.strictEqual(failures[0]?._tag, "SqlError")
+        assert.strictEqual((failures[1] as TransactionError.TransactionError | undefined)?.reason, "RollbackFailed")
+        assert.isFalse(Exit.isFailure(exit) && Cause.isDie(exit.cause))
+        assert.deepStrictEqual(yield* committedIds, [])
+        // Every remaining session is usable: eight transactions at once, one per pooled connection.
+        yield* Effect.forEach(range(10, 17), (id) => insert(id).pipe(Transaction.withTransaction()), {
+          concurrency: "unbounded",
+          discard: true
+        })
+        assert.deepStrictEqual(yield* committedIds, range(10, 17))
+        assert.deepStrictEqual(yield* noneIdleInTransaction, [])
+      })
+    )
+  })
+})
+
+describe("node-postgres sees one statement at a time", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("concurrent fibers sharing a transaction raise no overlapping-query warning (and @effect/sql's do)", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const burst = Effect.forEach(range(1, 40), (id) => insert(id), { concurrency: "unbounded", discard: true })
+        yield* burst.pipe(Transaction.withTransaction())
+        yield* Effect.forEach(range(41, 60), (id) => insert(id).pipe(Transaction.withTransaction()), {
+          concurrency: "unbounded",
+          discard: true
+        }).pipe(Transaction.withTransaction())
+        yield* Effect.yieldNow()
+        assert.deepStrictEqual(overlapWarnings(), [])
+        // The same burst through @effect/sql's own withTransaction: the warning this library prevents.
+        yield* items
+        yield* sql.withTransaction(burst)
+        yield* Effect.sleep("10 millis")
+        assert.strictEqual(overlapWarnings().length, 1)
+      })
+    )
+  })
+})
