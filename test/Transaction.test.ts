@@ -1,6 +1,6 @@
 import { Migrator, SqlClient } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
-import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option, Schedule } from "effect"
+import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
 import * as Recorder from "./utils/Recorder.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
@@ -331,12 +331,11 @@ describe("failures of control statements", () => {
       )
     )
 
-    /** Polls until the backend `pid` has left the server (a closed connection's backend exits asynchronously). */
+    /** Succeeds once the backend `pid` has left the server (a closed connection's backend exits asynchronously). */
     const gone = (pid: number) =>
-      backends.pipe(
-        Effect.map((rows) => rows.some((row) => row.pid === pid)),
-        Effect.repeat({ while: (alive) => alive, schedule: Schedule.spaced("50 millis"), times: 100 }),
-        Effect.map((alive) => !alive)
+      Effect.as(
+        TestDatabase.eventually(backends, (rows) => rows.every((row) => row.pid !== pid)),
+        true
       )
 
     it.effect("a connection whose ROLLBACK failed is closed, never returned to the pool", () =>

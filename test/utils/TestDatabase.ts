@@ -4,6 +4,7 @@ import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
 import * as Redacted from "effect/Redacted"
+import * as Schedule from "effect/Schedule"
 import pg from "pg"
 import { inject } from "vitest"
 
@@ -71,3 +72,14 @@ export const setup = (...statements: ReadonlyArray<string>) =>
   Effect.flatMap(SqlClient.SqlClient, (sql) =>
     Effect.forEach(statements, (statement) => sql.unsafe(statement), { discard: true })
   ).pipe(Effect.orDie)
+
+class NotYet<A> {
+  constructor(readonly value: A) {}
+}
+
+/** Polls `effect` until `done` holds of its value (every 50 ms, 10 s at most); fails with the last value if not. */
+export const eventually = <A, E, R>(effect: Effect.Effect<A, E, R>, done: (value: A) => boolean) =>
+  effect.pipe(
+    Effect.filterOrFail(done, (value) => new NotYet(value)),
+    Effect.retry({ schedule: Schedule.spaced("50 millis"), times: 200, while: (error) => error instanceof NotYet })
+  )
