@@ -394,42 +394,54 @@ const closeInner = (frame: Frame): Effect.Effect<void> =>
     return Effect.catchAllCause(run(tx.conn, tx.dialect.rollbackTo(inner[0]!.savepoint!)), () => markAborted(frame))
   })
 
+/** Whether a failed COMMIT may still have been committed: the connection broke before the answer came. */
+const outcomeUnknown = (cause: unknown) => {
+  const { sqlState } = databaseInfo(cause)
+  return sqlState === undefined || sqlState.startsWith("08") || sqlState.startsWith("57")
+}
+
 const finishOutermost = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
-  const rollback = (onRolledBack: Effect.Effect<A, E | TransactionError>) =>
+  /** Rolls back, then fails with `failure`; a failed ROLLBACK is added after it and the connection destroyed. */
+  const rollback = (failure: Cause.Cause<E | TransactionError>) =>
     Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollback), {
       onFailure: (cause) => {
         tx.broken = true
         const error = controlError(
           "RollbackFailed",
           `ROLLBACK of ${frame.describe()}`,
-          "The connection was closed instead of returned to the pool, so nothing was committed.",
+          "The connection was closed instead of returned to the pool.",
           Cause.squash(cause)
         )
-        return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
+        return Effect.failCause(Cause.sequential(failure, Cause.fail(error)))
       },
-      onSuccess: () => onRolledBack
+      onSuccess: () => Effect.failCause(failure)
     })
-  const end = Effect.suspend(() => {
+  const end = Effect.suspend((): Effect.Effect<A, E | TransactionError> => {
     frame.open = false
     tx.stack.length = 0
     tx.pendingRelease = undefined
-    if (Exit.isFailure(exit)) return rollback(exit)
-    if (frame.aborted) return rollback(Effect.fail(abortedError(frame)))
+    if (Exit.isFailure(exit)) return rollback(exit.cause)
+    if (frame.aborted) return rollback(Cause.fail(abortedError(frame)))
     return Effect.matchCauseEffect(tx.dialect.commit(tx.conn), {
-      onFailure: (cause) =>
-        rollback(
-          Effect.fail(
+      onFailure: (cause) => {
+        const error = Cause.squash(cause)
+        return rollback(
+          Cause.fail(
             controlError(
               "CommitFailed",
               `COMMIT of ${frame.describe()}`,
-              "The transaction was rolled back; nothing was committed.",
-              Cause.squash(cause)
+              outcomeUnknown(error)
+                ? "The connection failed before the database answered, so whether it committed is unknown: " +
+                    "check before running the transaction again."
+                : "The transaction was rolled back; nothing was committed.",
+              error
             )
           )
-        ),
+        )
+      },
       onSuccess: (committed): Effect.Effect<A, E | TransactionError> =>
-        committed ? exit : Effect.fail(abortedError(frame))
+        committed ? exit : rollback(Cause.fail(abortedError(frame)))
     })
   })
   return acquire(frame, "end").pipe(
