@@ -2,6 +2,9 @@
  * `npm run bench [-- --quick]`: transaction throughput of this library against three baselines run in the same
  * process on the same database: raw `pg`, hand-written BEGIN/COMMIT through the same SqlClient, and @effect/sql's
  * own `withTransaction`. Uses DATABASE_URL when set, an embedded PostgreSQL otherwise.
+ *
+ * `npm run bench` builds the library first and loads it from dist/ (tsconfig.bench.json has no path mapping to
+ * src/), so the library is measured as users run it, not as tsx transpiles its sources on the fly.
  */
 import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
@@ -10,7 +13,10 @@ import { EmbeddedPostgres, Transaction } from "effect-transaction"
 import pg from "pg"
 
 const quick = process.argv.includes("--quick")
-const rounds = quick ? 3 : 21
+/** `--case nested` runs only the cases whose name contains "nested". */
+const only = process.argv.includes("--case") ? process.argv[process.argv.indexOf("--case") + 1] : undefined
+const roundsArg = process.argv.includes("--rounds") ? Number(process.argv[process.argv.indexOf("--rounds") + 1]) : 0
+const rounds = roundsArg > 0 ? roundsArg : quick ? 3 : 21
 const POOL = 8
 const FIBERS = 16
 const NESTED = 100
@@ -195,7 +201,7 @@ const main = Effect.gen(function* () {
     Effect.runPromise(Effect.provideService(effect, SqlClient.SqlClient, sql))
 
   const rows: Array<ReadonlyArray<string>> = []
-  for (const c of cases) {
+  for (const c of cases.filter((c) => only === undefined || c.name.includes(only))) {
     const names = ["raw pg", ...contenders]
     const samples: Record<string, Array<number>> = {}
     for (const name of names) samples[name] = []

@@ -1,7 +1,8 @@
 import { SqlClient } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
-import { Cause, Deferred, Effect, Exit, Fiber, Option } from "effect"
+import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option } from "effect"
 import { Transaction, type TransactionError } from "effect-transaction"
+import * as Recorder from "./utils/Recorder.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 // node-postgres warns (once per process) when a query is sent while another is running on the same client.
@@ -111,6 +112,73 @@ describe("fibers inside a transaction", () => {
           rows.map((row) => row.n),
           range(1, 30)
         )
+      })
+    )
+  })
+})
+
+describe("the SQL concurrent blocks send", () => {
+  layer(Recorder.layer.pipe(Layer.provideMerge(Db)), { excludeTestServices: true })((it) => {
+    it.effect("two concurrent nested blocks run one after the other, each with its own savepoint", () =>
+      Effect.gen(function* () {
+        yield* items
+        const recorder = yield* Recorder.Recorder
+        recorder.clear()
+        const block = (ids: ReadonlyArray<number>, fails: boolean) =>
+          Effect.forEach(ids, (id) => insert(id), { discard: true }).pipe(
+            Effect.zipRight(fails ? Effect.fail("fails") : Effect.void),
+            Transaction.withTransaction(),
+            Effect.either
+          )
+        yield* Effect.all([block([1, 2], false), block([3, 4], true), block([5], false)], {
+          concurrency: "unbounded"
+        }).pipe(Transaction.withTransaction())
+        const insertSql = "INSERT INTO items (id, owner) VALUES ($1, $2)"
+        assert.deepStrictEqual(recorder.statements, [
+          "BEGIN",
+          "SAVEPOINT etx_1",
+          insertSql,
+          insertSql,
+          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2",
+          insertSql,
+          insertSql,
+          "ROLLBACK TO SAVEPOINT etx_2; RELEASE SAVEPOINT etx_2",
+          "SAVEPOINT etx_3",
+          insertSql,
+          "COMMIT"
+        ])
+        assert.deepStrictEqual(yield* committedIds, [1, 2, 5])
+      })
+    )
+
+    it.effect("an outer block ending before its forked nested block rolls that block back before COMMIT", () =>
+      Effect.gen(function* () {
+        yield* items
+        const recorder = yield* Recorder.Recorder
+        recorder.clear()
+        const inBlock = yield* Deferred.make<void>()
+        const straggler = yield* Effect.gen(function* () {
+          yield* insert(1)
+          const fiber = yield* Effect.forkDaemon(
+            Effect.zipRight(insert(2), Deferred.succeed(inBlock, undefined)).pipe(
+              Effect.zipRight(Effect.never),
+              Transaction.withTransaction()
+            )
+          )
+          yield* Deferred.await(inBlock)
+          return fiber
+        }).pipe(Transaction.withTransaction())
+        assert.isTrue(Exit.isInterrupted(yield* Fiber.interrupt(straggler)))
+        const insertSql = "INSERT INTO items (id, owner) VALUES ($1, $2)"
+        assert.deepStrictEqual(recorder.statements, [
+          "BEGIN",
+          insertSql,
+          "SAVEPOINT etx_1",
+          insertSql,
+          "ROLLBACK TO SAVEPOINT etx_1; RELEASE SAVEPOINT etx_1",
+          "COMMIT"
+        ])
+        assert.deepStrictEqual(yield* committedIds, [1])
       })
     )
   })

@@ -183,14 +183,6 @@ const acquire = (frame: Frame, kind: Waiter["kind"]): Effect.Effect<boolean> => 
   })
 }
 
-/** Runs `use` holding the connection for `frame`; waiting is interruptible, handing back is guaranteed. */
-const holding = <A>(frame: Frame, use: Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
-  Effect.uninterruptibleMask((restore) =>
-    Effect.flatMap(restore(acquire(frame, "statement")), (ok) =>
-      ok ? Effect.ensuring(restore(use), releaseEffect(frame.tx)) : Effect.fail(closedError(frame))
-    )
-  )
-
 // ---------------------------------------------------------------------------
 // the guarded connection every statement inside a block runs on
 // ---------------------------------------------------------------------------
@@ -210,19 +202,43 @@ const flushPendingRelease = (frame: Frame): Effect.Effect<void, SqlError> => {
   )
 }
 
-/**
- * Called by @effect/sql when the statement runs. An interrupted statement is cancelled by the driver; the
- * connection is handed on only once the database has answered it, so statements never overlap on the wire.
- */
+/** Runs a statement while holding the connection, and hands it on however the statement ends. */
+const runHeld = <A>(
+  frame: Frame,
+  run: () => Effect.Effect<A, SqlError>,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<A, SqlError> => {
+  const tx = frame.tx
+  const statement = tx.pendingRelease === undefined ? run() : Effect.zipRight(flushPendingRelease(frame), run())
+  return Effect.matchCauseEffect(restore(statement), {
+    onFailure: (cause) => {
+      frame.aborted = true
+      // An interrupted statement is cancelled by the driver; the connection is handed on only once the database
+      // has answered it, so statements never overlap on the wire.
+      return Cause.isInterrupted(cause)
+        ? Effect.zipRight(Effect.ensuring(tx.dialect.settle(tx.conn), releaseEffect(tx)), Effect.failCause(cause))
+        : Effect.zipRight(releaseEffect(tx), Effect.failCause(cause))
+    },
+    onSuccess: (value) => {
+      release(tx)
+      return Effect.succeed(value)
+    }
+  })
+}
+
+/** Called by @effect/sql when the statement runs, so the checks see the block as it is at that moment. */
 const guarded = <A>(frame: Frame, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
-  holding(
-    frame,
-    Effect.suspend(() => {
-      const tx = frame.tx
-      const statement = Effect.tapError(run(), () => markAborted(frame))
-      return tx.pendingRelease === undefined ? statement : Effect.zipRight(flushPendingRelease(frame), statement)
-    }).pipe(Effect.onInterrupt(() => frame.tx.dialect.settle(frame.tx.conn)))
-  )
+  Effect.uninterruptibleMask((restore) => {
+    const tx = frame.tx
+    if (!frame.open) return Effect.fail(closedError(frame))
+    if (!tx.busy && innermost(tx) === frame) {
+      tx.busy = true
+      return runHeld(frame, run, restore)
+    }
+    return Effect.flatMap(restore(acquire(frame, "statement")), (ok) =>
+      ok ? runHeld(frame, run, restore) : Effect.fail(closedError(frame))
+    )
+  })
 
 const guardConnection = (frame: Frame): Connection => {
   const conn = frame.tx.conn
@@ -254,9 +270,13 @@ const guardConnection = (frame: Frame): Connection => {
 }
 
 const provideFrame = <A, E, R>(effect: Effect.Effect<A, E, R>, frame: Frame): Effect.Effect<A, E, R> =>
-  Effect.mapInputContext(effect, (context: Context.Context<R>) =>
-    Context.add(Context.add(context, Current, frame), SqlClient.TransactionConnection, [frame.connection, frame.depth])
-  )
+  Effect.mapInputContext(effect, (context: Context.Context<R>) => {
+    // One copy of the context instead of one per added service.
+    const services = new Map(context.unsafeMap)
+    services.set(Current.key, frame)
+    services.set(SqlClient.TransactionConnection.key, [frame.connection, frame.depth])
+    return Context.unsafeMake(services)
+  })
 
 // ---------------------------------------------------------------------------
 // options
@@ -444,11 +464,9 @@ const finishOutermost = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effe
         committed ? exit : rollback(Cause.fail(abortedError(frame)))
     })
   })
-  return acquire(frame, "end").pipe(
-    Effect.zipRight(closeInner(frame)),
-    Effect.zipRight(end),
-    Effect.ensuring(releaseEffect(tx))
-  )
+  return Effect.flatMap(acquire(frame, "end"), () =>
+    innermost(tx) === frame ? end : Effect.zipRight(closeInner(frame), end)
+  ).pipe(Effect.ensuring(releaseEffect(tx)))
 }
 
 const outermost = <A, E, R>(
@@ -521,39 +539,41 @@ const finishNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<
   const tx = frame.tx
   if (frame.abandoned) return abandonedResult(frame, exit)
   const name = frame.savepoint!
-  const end = Effect.suspend((): Effect.Effect<A, E | TransactionError> => {
+  // Called with the connection held; hands it on.
+  const end = (): Effect.Effect<A, E | TransactionError> => {
+    tx.stack.pop()
+    frame.open = false
+    if (Exit.isSuccess(exit) && !frame.aborted) {
+      // Releasing this savepoint releases any deeper one still pending.
+      tx.pendingRelease = name
+      release(tx)
+      return exit
+    }
+    // Rolling back to this savepoint destroys any deeper one still pending.
+    tx.pendingRelease = undefined
+    return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollbackTo(name)), {
+      onFailure: (cause) => {
+        frame.parent!.aborted = true
+        const error = controlError(
+          "SavepointFailed",
+          `ROLLBACK TO SAVEPOINT of ${frame.describe()}`,
+          "The outer transaction cannot go on and will be rolled back.",
+          Cause.squash(cause)
+        )
+        return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
+      },
+      onSuccess: (): Effect.Effect<A, E | TransactionError> =>
+        Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
+    }).pipe(Effect.ensuring(releaseEffect(tx)))
+  }
+  return Effect.flatMap(acquire(frame, "end"), (): Effect.Effect<A, E | TransactionError> => {
     // An outer block may have ended while this one waited for the connection.
-    if (frame.abandoned) return abandonedResult(frame, exit)
-    return Effect.zipRight(
-      closeInner(frame),
-      Effect.suspend(() => {
-        tx.stack.pop()
-        frame.open = false
-        if (Exit.isSuccess(exit) && !frame.aborted) {
-          // Releasing this savepoint releases any deeper one still pending.
-          tx.pendingRelease = name
-          return exit
-        }
-        // Rolling back to this savepoint destroys any deeper one still pending.
-        tx.pendingRelease = undefined
-        return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollbackTo(name)), {
-          onFailure: (cause) => {
-            frame.parent!.aborted = true
-            const error = controlError(
-              "SavepointFailed",
-              `ROLLBACK TO SAVEPOINT of ${frame.describe()}`,
-              "The outer transaction cannot go on and will be rolled back.",
-              Cause.squash(cause)
-            )
-            return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
-          },
-          onSuccess: (): Effect.Effect<A, E | TransactionError> =>
-            Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
-        })
-      })
-    )
+    if (frame.abandoned) {
+      release(tx)
+      return abandonedResult(frame, exit)
+    }
+    return innermost(tx) === frame ? end() : Effect.flatMap(closeInner(frame), end)
   })
-  return acquire(frame, "end").pipe(Effect.zipRight(end), Effect.ensuring(releaseEffect(tx)))
 }
 
 const nested = <A, E, R>(
@@ -593,7 +613,7 @@ const nested = <A, E, R>(
 
 /** Runs `effect` in a transaction of `client`, or in a savepoint when one is already open in the fiber. */
 export const transact = <A, E, R>(
-  client: SqlClient.SqlClient,
+  client: SqlClient.SqlClient | undefined,
   effect: Effect.Effect<A, E, R>,
   options: Transaction.Options
 ): Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>> =>
@@ -625,7 +645,8 @@ export const transact = <A, E, R>(
         )
       )
     }
-    return Effect.uninterruptibleMask((restore) => outermost(client, dialect, options, effect, restore))
+    const sql = client ?? Context.unsafeGet(context, SqlClient.SqlClient)
+    return Effect.uninterruptibleMask((restore) => outermost(sql, dialect, options, effect, restore))
   }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>>
 
 /** @internal */
@@ -633,7 +654,12 @@ export const withTransaction = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   options: Transaction.Options = {}
 ): Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current> | SqlClient.SqlClient> =>
-  Effect.flatMap(SqlClient.SqlClient, (client) => transact(client, effect, options))
+  // `transact` reads the SqlClient from the fiber's context.
+  transact(undefined, effect, options) as Effect.Effect<
+    A,
+    E | TransactionError,
+    Exclude<R, Transaction.Current> | SqlClient.SqlClient
+  >
 
 // ---------------------------------------------------------------------------
 // the SqlClient wrapper
