@@ -196,6 +196,7 @@ const main = Effect.gen(function* () {
   yield* sql`CREATE TABLE bench_items (id bigint PRIMARY KEY, payload text NOT NULL)`
   const url = pgClient.config.url ? Redacted.value(pgClient.config.url) : undefined
   const pool = new pg.Pool({ connectionString: url, max: POOL })
+  pool.on("error", () => undefined)
   yield* Effect.addFinalizer(() => Effect.promise(() => pool.end()))
   const runEffect = <A, E>(effect: Effect.Effect<A, E, SqlClient.SqlClient>) =>
     Effect.runPromise(Effect.provideService(effect, SqlClient.SqlClient, sql))

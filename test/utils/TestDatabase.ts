@@ -22,9 +22,12 @@ export class TestDatabase extends Context.Tag("test/TestDatabase")<
   }
 >() {}
 
+const ignore = () => undefined
+
 const adminQuery = (url: string, sql: string) =>
   Effect.promise(async () => {
     const client = new pg.Client({ connectionString: url })
+    client.on("error", ignore)
     await client.connect()
     try {
       await client.query(sql)
@@ -57,6 +60,8 @@ export const layer = (
       const { adminUrl, name } = yield* fresh
       const url = databaseUrl(adminUrl, name)
       const pool = new pg.Pool({ connectionString: url, max: 2 })
+      // pool.end() resolves before its sockets close; the DROP ... WITH (FORCE) that follows may end them first.
+      pool.on("error", ignore)
       yield* Effect.addFinalizer(() => Effect.promise(() => pool.end()))
       const outside = <R extends pg.QueryResultRow>(sql: string, params: ReadonlyArray<unknown> = []) =>
         Effect.promise(() => pool.query<R>(sql, [...params]).then((result) => result.rows))

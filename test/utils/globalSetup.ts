@@ -30,6 +30,7 @@ export default async function setup(project: TestProject) {
   project.provide("runPrefix", runPrefix)
   return async () => {
     const client = new pg.Client({ connectionString: adminUrl })
+    client.on("error", () => undefined)
     await client.connect()
     const { rows } = await client.query<{ datname: string }>(
       "SELECT datname FROM pg_database WHERE starts_with(datname, $1)",
