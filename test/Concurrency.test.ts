@@ -305,7 +305,10 @@ describe("lifetime", () => {
         const exit = yield* Fiber.await(straggler)
         const failure = failureOf(exit) as { readonly _tag: string; readonly cause?: unknown } | undefined
         assert.strictEqual(failure?._tag, "SqlError")
-        assert.strictEqual((failure?.cause as TransactionError.TransactionError).reason, "TransactionClosed")
+        assert.strictEqual(
+          (failure?.cause as TransactionError.TransactionError | undefined)?.reason,
+          "TransactionClosed"
+        )
         assert.deepStrictEqual(yield* committedIds, [1])
       })
     )

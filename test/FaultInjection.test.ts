@@ -45,7 +45,8 @@ const makePlans = (): ReadonlyArray<Plan> => {
   const pick = <A>(choices: ReadonlyArray<readonly [number, A]>): A => {
     let roll = next()
     for (const [weight, value] of choices) {
-      if ((roll -= weight) < 0) return value
+      roll -= weight
+      if (roll < 0) return value
     }
     return choices[choices.length - 1]![1]
   }
