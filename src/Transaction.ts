@@ -5,10 +5,13 @@
  * @since 0.1.0
  */
 import type * as SqlClient from "@effect/sql/SqlClient"
+import type { SqlError } from "@effect/sql/SqlError"
 import type * as Context from "effect/Context"
+import type * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import { dual } from "effect/Function"
 import type * as Layer from "effect/Layer"
+import type * as Schedule from "effect/Schedule"
 import * as internal from "./internal/transaction.js"
 import type { TransactionError } from "./TransactionError.js"
 
@@ -58,6 +61,25 @@ export interface Options {
   readonly readOnly?: boolean | undefined
   /** Wait for a snapshot free of serialization anomalies; only with `serializable` and `readOnly: true`. */
   readonly deferrable?: boolean | undefined
+  /**
+   * A limit on the whole transaction, from `BEGIN` to the end of `COMMIT`. When it runs out, the body is
+   * interrupted (its running statement cancelled) and the transaction rolled back, failing with `Timeout`.
+   */
+  readonly timeout?: Duration.DurationInput | undefined
+  /** PostgreSQL's `statement_timeout` for every statement of the transaction (`SET LOCAL`). */
+  readonly statementTimeout?: Duration.DurationInput | undefined
+  /** PostgreSQL's `lock_timeout`: how long a statement may wait for a lock (`SET LOCAL`). */
+  readonly lockTimeout?: Duration.DurationInput | undefined
+  /**
+   * PostgreSQL's `idle_in_transaction_session_timeout` (`SET LOCAL`): the server ends the session when the
+   * transaction sits idle longer, for example while the body waits on something else.
+   */
+  readonly idleTimeout?: Duration.DurationInput | undefined
+  /**
+   * Run the whole transaction again when it fails with a serialization failure or a deadlock, at a statement or at
+   * `COMMIT`. `true` uses `defaultRetrySchedule`; a `Schedule` (fed the classified error) decides itself.
+   */
+  readonly retry?: boolean | Schedule.Schedule<unknown, TransactionError> | undefined
 }
 
 /**
@@ -179,3 +201,49 @@ export const withTransaction: {
  * ```
  */
 export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient> = internal.layer
+
+/**
+ * The retry policy of `retry: true`: exponential back-off from 10 ms, each delay capped at one second and
+ * jittered, for at most 10 attempts in all.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import { Effect, Schedule } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * declare const transfer: Effect.Effect<void>
+ *
+ * // The default policy, logging every retry.
+ * const retry = Schedule.tapInput(Transaction.defaultRetrySchedule, (error) => Effect.logWarning("retrying", error))
+ * const program = transfer.pipe(Transaction.withTransaction({ isolation: "serializable", retry }))
+ * ```
+ */
+export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = internal.defaultRetrySchedule
+
+/**
+ * Sets a PostgreSQL setting for the rest of the transaction (`set_config(name, value, true)`, like `SET LOCAL`):
+ * a row-level-security tenant id, a `search_path`, an application setting read with `current_setting`. The value
+ * is sent as a parameter, never spliced into SQL. A nested block that rolls back undoes its own `setLocal`.
+ * Requires a transaction; the name must be an identifier or a two-part custom name (`app.tenant_id`), otherwise
+ * it fails with `InvalidOption` before anything is sent.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { SqlClient } from "@effect/sql"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const ordersOf = (tenant: string) =>
+ *   Effect.gen(function* () {
+ *     yield* Transaction.setLocal("app.tenant_id", tenant) // read by the table's row-level security policy
+ *     const sql = yield* SqlClient.SqlClient
+ *     return yield* sql`SELECT * FROM orders`
+ *   }).pipe(Transaction.withTransaction())
+ * ```
+ */
+export const setLocal: (name: string, value: string) => Effect.Effect<void, TransactionError | SqlError, Current> =
+  internal.setLocal

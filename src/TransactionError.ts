@@ -5,20 +5,30 @@
  */
 import type { SqlError } from "@effect/sql/SqlError"
 import * as Data from "effect/Data"
+import * as Effect from "effect/Effect"
 import * as Predicate from "effect/Predicate"
 
 /**
  * Every reason a `TransactionError` can carry.
  *
+ * Failures of the transaction itself:
  * - `BeginFailed`: no connection could be reserved, or `BEGIN` failed.
- * - `CommitFailed`: `COMMIT` failed or was turned into a rollback; nothing was committed.
+ * - `CommitFailed`: `COMMIT` failed or was turned into a rollback.
  * - `RollbackFailed`: `ROLLBACK` failed; the connection was destroyed, nothing was committed.
  * - `SavepointFailed`: `SAVEPOINT`, `RELEASE` or `ROLLBACK TO` of a nested block failed.
- * - `SerializationFailure`: SQLSTATE 40001, retryable by running the whole transaction again.
- * - `Deadlock`: SQLSTATE 40P01, retryable by running the whole transaction again.
  * - `TransactionClosed`: the transaction or nested block had already ended.
  * - `OptionConflict`: a nested block asked for options its outer transaction cannot honour.
- * - `InvalidOption`: an option value that is not allowed.
+ * - `InvalidOption`: an option or argument value that is not allowed; nothing was sent.
+ * - `Timeout`: the transaction's `timeout` ran out; it was rolled back.
+ *
+ * What the database said, by SQLSTATE (from a control statement, or from any `SqlError` through `classify`):
+ * - `SerializationFailure` (40001) and `Deadlock` (40P01): retryable by running the whole transaction again.
+ * - `UniqueViolation` (23505), `ForeignKeyViolation` (23503), `CheckViolation` (23514), `NotNullViolation`
+ *   (23502), `ExclusionViolation` (23P01): the data breaks a constraint (`constraint` names it).
+ * - `LockTimeout` (55P03), `StatementTimeout` (57014), `IdleInTransactionTimeout` (25P03).
+ * - `ReadOnlyTransaction` (25006): a write in a read-only transaction.
+ * - `ConnectionLost` (class 08, 57P01 to 57P03, or a driver error without SQLSTATE).
+ * - `Unknown`: anything else; `sqlState` and `cause` say more.
  *
  * @since 0.1.0
  * @category models
@@ -35,11 +45,23 @@ export const reasons = [
   "CommitFailed",
   "RollbackFailed",
   "SavepointFailed",
-  "SerializationFailure",
-  "Deadlock",
   "TransactionClosed",
   "OptionConflict",
-  "InvalidOption"
+  "InvalidOption",
+  "Timeout",
+  "SerializationFailure",
+  "Deadlock",
+  "UniqueViolation",
+  "ForeignKeyViolation",
+  "CheckViolation",
+  "NotNullViolation",
+  "ExclusionViolation",
+  "LockTimeout",
+  "StatementTimeout",
+  "IdleInTransactionTimeout",
+  "ReadOnlyTransaction",
+  "ConnectionLost",
+  "Unknown"
 ] as const
 
 /**
@@ -80,6 +102,8 @@ export class TransactionError extends Data.TaggedError("TransactionError")<{
   readonly message: string
   readonly sqlState?: string | undefined
   readonly constraint?: string | undefined
+  /** With `retry`: how many times the transaction ran before this error was given up on. */
+  readonly attempts?: number | undefined
   readonly cause?: unknown
 }> {
   /**
@@ -160,3 +184,156 @@ export const databaseInfo = (error: SqlError | unknown): DatabaseInfo => {
   }
   return { sqlState: undefined, constraint: undefined, message }
 }
+
+/**
+ * The reason a SQLSTATE stands for (`Unknown` when it is not one this library classifies).
+ *
+ * @since 0.1.0
+ * @category accessors
+ * @example
+ * ```ts
+ * import { TransactionError } from "effect-transaction"
+ *
+ * console.log(TransactionError.reasonOfSqlState("23505")) // "UniqueViolation"
+ * ```
+ */
+export const reasonOfSqlState = (sqlState: string | undefined): Reason => {
+  if (sqlState === undefined) return "ConnectionLost"
+  switch (sqlState) {
+    case "40001":
+      return "SerializationFailure"
+    case "40P01":
+      return "Deadlock"
+    case "23505":
+      return "UniqueViolation"
+    case "23503":
+      return "ForeignKeyViolation"
+    case "23514":
+      return "CheckViolation"
+    case "23502":
+      return "NotNullViolation"
+    case "23P01":
+      return "ExclusionViolation"
+    case "55P03":
+      return "LockTimeout"
+    case "57014":
+      return "StatementTimeout"
+    case "25P03":
+      return "IdleInTransactionTimeout"
+    case "25006":
+      return "ReadOnlyTransaction"
+    case "57P01":
+    case "57P02":
+    case "57P03":
+      return "ConnectionLost"
+  }
+  return sqlState.startsWith("08") ? "ConnectionLost" : "Unknown"
+}
+
+const advice: Partial<Record<Reason, string>> = {
+  SerializationFailure: "Another transaction changed data this one depends on: run the whole transaction again.",
+  Deadlock: "Two transactions waited on each other's locks: run the whole transaction again.",
+  UniqueViolation: "A row with the same key exists already.",
+  ForeignKeyViolation: "A referenced row is missing, or a row still referenced was deleted.",
+  CheckViolation: "A value is outside what a CHECK constraint allows.",
+  NotNullViolation: "A required column got no value.",
+  ExclusionViolation: "The row conflicts with another under an exclusion constraint.",
+  LockTimeout: "A lock was not granted within lock_timeout: another transaction holds it.",
+  StatementTimeout: "A statement ran longer than statement_timeout, or was cancelled.",
+  IdleInTransactionTimeout: "The session sat idle inside a transaction longer than its idle timeout and was ended.",
+  ReadOnlyTransaction: "The transaction is read-only: open it without readOnly: true to write.",
+  ConnectionLost: "The connection to the database failed; the transaction was not committed."
+}
+
+/**
+ * Classifies any failure by what the database said: a `SqlError` (or an error whose `cause` chain holds the
+ * driver's error) becomes a `TransactionError` whose `reason` follows the SQLSTATE, with `constraint` and
+ * `isRetryable`, and the original error as `cause`. A `TransactionError` is returned as it is.
+ *
+ * @since 0.1.0
+ * @category constructors
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { SqlClient } from "@effect/sql"
+ * import { TransactionError } from "effect-transaction"
+ *
+ * const register = (email: string) =>
+ *   Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO users (email) VALUES (${email})`).pipe(
+ *     Effect.mapError(TransactionError.classify),
+ *     Effect.catchIf(
+ *       (error) => error.reason === "UniqueViolation",
+ *       () => Effect.fail("email taken" as const)
+ *     )
+ *   )
+ * ```
+ */
+export const classify = (error: unknown): TransactionError => {
+  if (error instanceof TransactionError) return error
+  const info = databaseInfo(error)
+  const reason = reasonOfSqlState(info.sqlState)
+  const hint = advice[reason]
+  return new TransactionError({
+    reason,
+    message: `${info.message}${info.sqlState === undefined ? "" : ` (SQLSTATE ${info.sqlState})`}${
+      info.constraint === undefined ? "" : ` [constraint ${info.constraint}]`
+    }.${hint === undefined ? "" : ` ${hint}`}`,
+    sqlState: info.sqlState,
+    constraint: info.constraint,
+    cause: error
+  })
+}
+
+/**
+ * Runs an effect with its `SqlError`s classified into `TransactionError`s, so that `Effect.catchTag` and a
+ * `reason` check (or `isReason`) can handle them.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { SqlClient } from "@effect/sql"
+ * import { TransactionError } from "effect-transaction"
+ *
+ * const insert = Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO tags (name) VALUES (${"new"})`)
+ * const ignoreDuplicates = insert.pipe(
+ *   TransactionError.withClassifiedErrors,
+ *   Effect.catchIf(TransactionError.isReason("UniqueViolation"), () => Effect.void)
+ * )
+ * ```
+ */
+export const withClassifiedErrors = <A, E, R>(
+  self: Effect.Effect<A, E, R>
+): Effect.Effect<A, Exclude<E, SqlError> | TransactionError, R> =>
+  Effect.mapError(self, (error) =>
+    Predicate.isTagged(error, "SqlError") ? classify(error) : (error as Exclude<E, SqlError>)
+  )
+
+/**
+ * A predicate for `Effect.catchIf` and friends: whether a failure classifies as one of `reasons`, by its own
+ * `reason` or by its SQLSTATE.
+ *
+ * @since 0.1.0
+ * @category guards
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { SqlClient } from "@effect/sql"
+ * import { TransactionError } from "effect-transaction"
+ *
+ * const lockOrSkip = Effect.flatMap(SqlClient.SqlClient, (sql) => sql`SELECT * FROM jobs FOR UPDATE NOWAIT`).pipe(
+ *   Effect.catchIf(TransactionError.isReason("LockTimeout"), () => Effect.succeed([]))
+ * )
+ * ```
+ */
+export const isReason =
+  (...wanted: ReadonlyArray<Reason>) =>
+  (error: unknown): boolean => {
+    const classified = classify(error)
+    // A COMMIT that failed on a deferred foreign key is a CommitFailed with SQLSTATE 23503: both reasons match.
+    return (
+      wanted.includes(classified.reason) ||
+      (classified.sqlState !== undefined && wanted.includes(reasonOfSqlState(classified.sqlState)))
+    )
+  }

@@ -1,3 +1,4 @@
+import type { SqlClient } from "@effect/sql/SqlClient"
 import type { Connection } from "@effect/sql/SqlConnection"
 import type { SqlError } from "@effect/sql/SqlError"
 import * as Context from "effect/Context"
@@ -9,6 +10,9 @@ export interface Characteristics {
   readonly isolation: "read committed" | "repeatable read" | "serializable" | undefined
   readonly readOnly: boolean | undefined
   readonly deferrable: boolean | undefined
+  readonly statementTimeoutMillis?: number | undefined
+  readonly lockTimeoutMillis?: number | undefined
+  readonly idleTimeoutMillis?: number | undefined
 }
 
 /**
@@ -26,6 +30,10 @@ export interface Dialect {
   readonly batch: (statements: ReadonlyArray<string>) => string
   /** Runs COMMIT; succeeds with `false` when the database ended the transaction with a rollback instead. */
   readonly commit: (conn: Connection) => Effect.Effect<boolean, SqlError>
+  /** Asks the database, over another pooled connection, to cancel what `conn` is running. */
+  readonly cancel: (client: SqlClient, conn: Connection) => Effect.Effect<void>
+  /** Sets a setting until the end of the transaction; undone by rolling back to an earlier savepoint. */
+  readonly setLocal: (conn: Connection, name: string, value: string) => Effect.Effect<void, SqlError>
   readonly rollback: string
   /** Waits until a statement the driver is still running on the connection (one that was interrupted) has ended. */
   readonly settle: (conn: Connection) => Effect.Effect<void>
@@ -54,11 +62,21 @@ const pgClientOf = (conn: Connection): PgLikeClient | undefined => {
 /** PostgreSQL, through `@effect/sql-pg` (node-postgres). */
 export const postgres: Dialect = {
   name: "postgresql",
-  begin: ({ deferrable, isolation, readOnly }) => {
+  // The timeouts travel in the same round trip as BEGIN.
+  begin: (characteristics) => {
+    const { deferrable, isolation, readOnly } = characteristics
     let sql = "BEGIN"
     if (isolation !== undefined) sql += ` ISOLATION LEVEL ${isolation.toUpperCase()}`
     if (readOnly !== undefined) sql += readOnly ? " READ ONLY" : " READ WRITE"
     if (deferrable !== undefined) sql += deferrable ? " DEFERRABLE" : " NOT DEFERRABLE"
+    const timeouts: ReadonlyArray<readonly [string, number | undefined]> = [
+      ["statement_timeout", characteristics.statementTimeoutMillis],
+      ["lock_timeout", characteristics.lockTimeoutMillis],
+      ["idle_in_transaction_session_timeout", characteristics.idleTimeoutMillis]
+    ]
+    for (const [name, millis] of timeouts) {
+      if (millis !== undefined) sql += `; SET LOCAL ${name} = ${Math.max(1, Math.ceil(millis))}`
+    }
     return sql
   },
   savepoint: (name) => `SAVEPOINT ${name}`,
@@ -72,6 +90,14 @@ export const postgres: Dialect = {
       const command = Predicate.isObject(last) ? (last as { readonly command?: unknown }).command : undefined
       return command !== "ROLLBACK"
     }),
+  // PostgreSQL turns off statement_timeout before COMMIT runs deferred triggers, so a slow COMMIT is cancelled
+  // from another connection; it still commits if the cancel arrives after the commit record is written.
+  cancel: (client, conn) => {
+    const pid = (pgClientOf(conn) as { readonly processID?: unknown } | undefined)?.processID
+    return typeof pid === "number" ? Effect.ignore(client.unsafe("SELECT pg_cancel_backend($1)", [pid])) : Effect.void
+  },
+  setLocal: (conn, name, value) =>
+    Effect.asVoid(conn.execute("SELECT set_config($1, $2, true)", [name, value], undefined)),
   rollback: "ROLLBACK",
   // node-postgres queues a query sent while another runs; an interrupted query keeps running until the server
   // answers its cancellation, and the client says "drain" when nothing is left in flight.

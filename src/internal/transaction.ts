@@ -4,12 +4,16 @@ import { SqlError } from "@effect/sql/SqlError"
 import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
+import * as Duration from "effect/Duration"
 import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
 import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
+import * as Schedule from "effect/Schedule"
 import * as Scope from "effect/Scope"
 import * as Stream from "effect/Stream"
 import type * as Transaction from "../Transaction.js"
-import { databaseInfo, TransactionError } from "../TransactionError.js"
+import { classify, databaseInfo, TransactionError } from "../TransactionError.js"
 import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
 
 /** @internal */
@@ -42,6 +46,7 @@ interface Waiter {
  */
 interface Tx {
   readonly id: number
+  readonly client: SqlClient.SqlClient
   readonly conn: Connection
   readonly dialect: Dialect
   readonly characteristics: Characteristics
@@ -57,8 +62,14 @@ interface Tx {
   broken: boolean
 }
 
-const makeTx = (conn: Connection, dialect: Dialect, characteristics: Characteristics): Tx => ({
+const makeTx = (
+  client: SqlClient.SqlClient,
+  conn: Connection,
+  dialect: Dialect,
+  characteristics: Characteristics
+): Tx => ({
   id: nextTransactionId++,
+  client,
   conn,
   dialect,
   characteristics,
@@ -299,7 +310,30 @@ const validateOptions = (options: Transaction.Options): TransactionError | undef
         'Add isolation: "serializable" and readOnly: true, or drop deferrable.'
     )
   }
+  for (const name of durationOptions) {
+    const input = options[name]
+    if (input !== undefined && millisOf(input) === undefined) {
+      return invalidOption(
+        `The ${name} option must be a positive, finite duration such as "5 seconds"; got ${JSON.stringify(input)}. ` +
+          "Leave the option out for no limit."
+      )
+    }
+  }
+  if (options.retry !== undefined && typeof options.retry !== "boolean" && !Schedule.isSchedule(options.retry)) {
+    return invalidOption("The retry option must be true, false or a Schedule.")
+  }
   return undefined
+}
+
+const durationOptions = ["timeout", "statementTimeout", "lockTimeout", "idleTimeout"] as const
+
+/** A positive, finite duration in milliseconds, or undefined for anything else. */
+const millisOf = (input: Duration.DurationInput): number | undefined => {
+  if (typeof input === "number" && !(input > 0)) return undefined
+  const decoded = Duration.decodeUnknown(input)
+  if (Option.isNone(decoded)) return undefined
+  const millis = Duration.toMillis(decoded.value)
+  return millis > 0 && Number.isFinite(millis) ? millis : undefined
 }
 
 const conflict = (frame: Frame, message: string) =>
@@ -339,6 +373,16 @@ const checkNestedOptions = (parent: Frame, options: Transaction.Options): Transa
       "asked to be deferrable, but the outer transaction is not, and deferrable only applies when a transaction " +
         "starts. Open the outermost transaction with deferrable: true, or drop it from the nested block."
     )
+  }
+  for (const name of [...durationOptions, "retry"] as const) {
+    if (options[name] !== undefined && options[name] !== false) {
+      return conflict(
+        parent,
+        `was given the ${name} option, which applies to a whole transaction: only the outermost block ` +
+          (name === "retry" ? "can run the transaction again" : "sets it") +
+          `. Set ${name} on the outermost withTransaction, or drop it from the nested block.`
+      )
+    }
   }
   return undefined
 }
@@ -420,7 +464,19 @@ const outcomeUnknown = (cause: unknown) => {
   return sqlState === undefined || sqlState.startsWith("08") || sqlState.startsWith("57")
 }
 
-const finishOutermost = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
+const timeoutError = (frame: Frame, timeoutMillis: number, when: string) =>
+  new TransactionError({
+    reason: "Timeout",
+    message:
+      `${frame.describe()} did not finish within its timeout of ${timeoutMillis} ms (${when}); it was rolled back ` +
+      "and nothing was committed. Raise the timeout, or make the transaction do less."
+  })
+
+const finishOutermost = <A, E>(
+  frame: Frame,
+  exit: Exit.Exit<A, E>,
+  limit: { readonly deadline: number; readonly timeoutMillis: number } | undefined
+): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
   /** Rolls back, then fails with `failure`; a failed ROLLBACK is added after it and the connection destroyed. */
   const rollback = (failure: Cause.Cause<E | TransactionError>) =>
@@ -443,9 +499,33 @@ const finishOutermost = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effe
     tx.pendingRelease = undefined
     if (Exit.isFailure(exit)) return rollback(exit.cause)
     if (frame.aborted) return rollback(Cause.fail(abortedError(frame)))
-    return Effect.matchCauseEffect(tx.dialect.commit(tx.conn), {
+    const remaining = limit === undefined ? undefined : limit.deadline - Date.now()
+    if (limit !== undefined && remaining! <= 0) {
+      return rollback(Cause.fail(timeoutError(frame, limit.timeoutMillis, "no time was left for COMMIT")))
+    }
+    // COMMIT is never abandoned: past the deadline it is cancelled, and its own answer says what happened.
+    let cancelled = false
+    const commit =
+      limit === undefined
+        ? tx.dialect.commit(tx.conn)
+        : Effect.flatMap(
+            Effect.forkDaemon(
+              Effect.delay(
+                Effect.suspend(() => {
+                  cancelled = true
+                  return tx.dialect.cancel(tx.client, tx.conn)
+                }),
+                Duration.millis(remaining!)
+              )
+            ),
+            (timer) => Effect.ensuring(tx.dialect.commit(tx.conn), Fiber.interrupt(timer))
+          )
+    return Effect.matchCauseEffect(commit, {
       onFailure: (cause) => {
         const error = Cause.squash(cause)
+        if (limit !== undefined && cancelled && databaseInfo(error).sqlState === "57014") {
+          return rollback(Cause.fail(timeoutError(frame, limit.timeoutMillis, "COMMIT was still running")))
+        }
         return rollback(
           Cause.fail(
             controlError(
@@ -481,8 +561,12 @@ const outermost = <A, E, R>(
     const characteristics: Characteristics = {
       isolation: options.isolation,
       readOnly: options.readOnly,
-      deferrable: options.deferrable
+      deferrable: options.deferrable,
+      statementTimeoutMillis: options.statementTimeout === undefined ? undefined : millisOf(options.statementTimeout),
+      lockTimeoutMillis: options.lockTimeout === undefined ? undefined : millisOf(options.lockTimeout),
+      idleTimeoutMillis: options.idleTimeout === undefined ? undefined : millisOf(options.idleTimeout)
     }
+    const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
     // Not interruptible: @effect/sql-pg loses a pooled client whose reservation is interrupted while it waits.
     return Scope.extend(client.reserve, scope).pipe(
       Effect.mapError((cause) =>
@@ -494,7 +578,7 @@ const outermost = <A, E, R>(
         )
       ),
       Effect.flatMap((conn) => {
-        tx = makeTx(conn, dialect, characteristics)
+        tx = makeTx(client, conn, dialect, characteristics)
         const frame = new Frame(tx, undefined, 0, undefined)
         return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
           onFailure: (cause) => {
@@ -509,8 +593,19 @@ const outermost = <A, E, R>(
           },
           onSuccess: () => {
             tx!.stack.push(frame)
-            return Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) =>
-              finishOutermost(frame, exit)
+            const body = restore(provideFrame(effect, frame))
+            if (timeoutMillis === undefined) {
+              return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(frame, exit, undefined))
+            }
+            const deadline = Date.now() + timeoutMillis
+            return Effect.flatMap(
+              Effect.exit(
+                Effect.timeoutFail(body, {
+                  duration: Duration.millis(timeoutMillis),
+                  onTimeout: () => timeoutError(frame, timeoutMillis, "its body was still running")
+                })
+              ),
+              (exit) => finishOutermost(frame, exit, { deadline, timeoutMillis })
             )
           }
         })
@@ -633,9 +728,15 @@ export const transact = <A, E, R>(
     if (foreign._tag === "Some") {
       // A transaction opened by other code on this fiber: nest inside it instead of opening a second one.
       const [conn, depth] = foreign.value
-      const adopted = makeTx(conn, dialect, { isolation: undefined, readOnly: undefined, deferrable: undefined })
+      const adopted = makeTx(client ?? Context.unsafeGet(context, SqlClient.SqlClient), conn, dialect, {
+        isolation: undefined,
+        readOnly: undefined,
+        deferrable: undefined
+      })
       const root = new Frame(adopted, undefined, depth, undefined)
       adopted.stack.push(root)
+      const incompatible = checkNestedOptions(root, options)
+      if (incompatible !== undefined) return Effect.fail(incompatible)
       return Effect.uninterruptibleMask((restore) =>
         Effect.ensuring(
           nested(root, effect, restore),
@@ -646,8 +747,77 @@ export const transact = <A, E, R>(
       )
     }
     const sql = client ?? Context.unsafeGet(context, SqlClient.SqlClient)
-    return Effect.uninterruptibleMask((restore) => outermost(sql, dialect, options, effect, restore))
+    const once = Effect.uninterruptibleMask((restore) => outermost(sql, dialect, options, effect, restore))
+    return options.retry === undefined || options.retry === false
+      ? once
+      : retrying(once, options.retry === true ? defaultRetrySchedule : options.retry)
   }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>>
+
+/** @internal */
+export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = Schedule.exponential("10 millis").pipe(
+  Schedule.modifyDelay((delay) => Duration.min(delay, Duration.seconds(1))),
+  Schedule.jittered,
+  Schedule.intersect(Schedule.recurs(9))
+)
+
+const isRetryable = (error: unknown) =>
+  error instanceof TransactionError
+    ? error.isRetryable
+    : ((sqlState) => sqlState === "40001" || sqlState === "40P01")(databaseInfo(error).sqlState)
+
+/**
+ * Runs the whole transaction again on a serialization failure or deadlock, wherever it surfaced. When the
+ * schedule gives up, the last failure comes back as a `TransactionError` with the attempt count, the original
+ * error as `cause`.
+ */
+const retrying = <A, E, R>(
+  once: Effect.Effect<A, E | TransactionError, R>,
+  schedule: Schedule.Schedule<unknown, TransactionError>
+): Effect.Effect<A, E | TransactionError, R> =>
+  Effect.suspend(() => {
+    let attempts = 0
+    return Effect.suspend(() => {
+      attempts++
+      return once
+    }).pipe(
+      Effect.retry({
+        schedule: Schedule.mapInput(schedule, (error: E | TransactionError) => classify(error)),
+        while: isRetryable
+      }),
+      Effect.mapError((error) => (isRetryable(error) ? gaveUp(error, attempts) : error))
+    )
+  })
+
+const gaveUp = (error: unknown, attempts: number): TransactionError => {
+  const classified = classify(error)
+  return new TransactionError({
+    reason: classified.reason,
+    message: `${classified.message} Gave up after ${attempts} attempt${attempts === 1 ? "" : "s"}.`,
+    sqlState: classified.sqlState,
+    constraint: classified.constraint,
+    attempts,
+    cause: error instanceof TransactionError ? error.cause : error
+  })
+}
+
+const validSettingName = /^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$/
+
+/** @internal */
+export const setLocal = (
+  name: string,
+  value: string
+): Effect.Effect<void, TransactionError | SqlError, Transaction.Current> =>
+  validSettingName.test(name)
+    ? Effect.flatMap(Current, (current) => {
+        const frame = current as Frame
+        return frame.tx.dialect.setLocal(frame.connection, name, value)
+      })
+    : Effect.fail(
+        invalidOption(
+          `${JSON.stringify(name)} is not a setting name: use an identifier such as "search_path", or a ` +
+            'two-part custom name such as "app.tenant_id". Nothing was sent.'
+        )
+      )
 
 /** @internal */
 export const withTransaction = <A, E, R>(
