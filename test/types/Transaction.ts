@@ -1,6 +1,6 @@
 // Type-level tests: `npm run typecheck` must accept this file, and every `@ts-expect-error` line must be an error.
 import type { SqlClient, SqlError } from "@effect/sql"
-import { Effect } from "effect"
+import { Effect, Schedule } from "effect"
 import { Transaction, type TransactionError } from "effect-transaction"
 
 type Equals<A, B> = (<T>() => T extends A ? 1 : 2) extends <T>() => T extends B ? 1 : 2 ? true : false
@@ -51,3 +51,28 @@ expect<Equals<Effect.Effect.Context<typeof stillNeedsRepo>, Repo | SqlClient.Sql
 Transaction.withTransaction(body, { isolation: "snapshot" })
 // @ts-expect-error not an option
 Transaction.withTransaction(body, { readonly: true })
+
+// setLocal must run inside a transaction.
+const tenant = Transaction.setLocal("app.tenant_id", "42")
+expect<Equals<Effect.Effect.Context<typeof tenant>, Transaction.Current>>(true)
+const tenantInTransaction = Transaction.withTransaction(tenant)
+expect<Equals<Effect.Effect.Context<typeof tenantInTransaction>, SqlClient.SqlClient>>(true)
+// @ts-expect-error Current is not provided
+Effect.runPromise(tenant)
+
+// Durations and schedules are typed options.
+Transaction.withTransaction(body, {
+  timeout: "5 seconds",
+  statementTimeout: 1000,
+  lockTimeout: "200 millis",
+  idleTimeout: "1 minute",
+  retry: Schedule.recurs(3)
+})
+Transaction.withTransaction(body, { retry: true })
+Transaction.withTransaction(body, {
+  retry: Schedule.tapInput(Schedule.recurs(3), (error: TransactionError.TransactionError) => Effect.log(error.reason))
+})
+// @ts-expect-error a schedule over another input
+Transaction.withTransaction(body, { retry: Schedule.recurs(3).pipe(Schedule.mapInput((n: number) => n)) })
+// @ts-expect-error not a duration
+Transaction.withTransaction(body, { timeout: { seconds: 5 } })
