@@ -296,6 +296,8 @@ describe("TransactionError.classify", () => {
         ]
         for (const [statement, reason, constraint, retryable] of cases) {
           const error = yield* failing(statement)
+          assert.isTrue(TransactionError.isTransactionError(error))
+          assert.isFalse(TransactionError.isTransactionError(error.cause))
           assert.strictEqual(error.reason, reason, statement)
           assert.strictEqual(error.constraint, constraint, statement)
           assert.strictEqual(error.isRetryable, retryable, statement)
