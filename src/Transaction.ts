@@ -247,3 +247,51 @@ export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = interna
  */
 export const setLocal: (name: string, value: string) => Effect.Effect<void, TransactionError | SqlError, Current> =
   internal.setLocal
+
+/**
+ * Takes a transaction-scoped advisory lock (`pg_advisory_xact_lock`), waiting until it is free. It is held until
+ * the transaction ends; taken inside a nested block that rolls back, it is released with the block. Keys are
+ * integers (`number` up to 2^53, `bigint` up to 2^63 - 1) or strings, which the database hashes to 64 bits. Requires a
+ * transaction. Bound the wait with the `lockTimeout` option.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * declare const chargeInvoice: (id: number) => Effect.Effect<void>
+ *
+ * // One charge per invoice at a time, across every process that uses the same key.
+ * const charge = (id: number) =>
+ *   Effect.zipRight(Transaction.advisoryLock(`invoice:${id}`), chargeInvoice(id)).pipe(Transaction.withTransaction())
+ * ```
+ */
+export const advisoryLock = (
+  key: number | bigint | string
+): Effect.Effect<void, TransactionError | SqlError, Current> => Effect.asVoid(internal.advisoryLock(key, true))
+
+/**
+ * Tries to take a transaction-scoped advisory lock (`pg_try_advisory_xact_lock`) without waiting: `true` when it
+ * was taken (and is held until the transaction ends), `false` when another transaction holds it. Keys as for
+ * `advisoryLock`.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * declare const runNightlyReport: Effect.Effect<void>
+ *
+ * // Only one instance runs the report; the others skip it.
+ * const nightly = Effect.flatMap(Transaction.tryAdvisoryLock("nightly-report"), (mine) =>
+ *   mine ? runNightlyReport : Effect.log("another instance is running it")
+ * ).pipe(Transaction.withTransaction())
+ * ```
+ */
+export const tryAdvisoryLock = (
+  key: number | bigint | string
+): Effect.Effect<boolean, TransactionError | SqlError, Current> => internal.advisoryLock(key, false)

@@ -32,6 +32,11 @@ export interface Dialect {
   readonly commit: (conn: Connection) => Effect.Effect<boolean, SqlError>
   /** Asks the database, over another pooled connection, to cancel what `conn` is running. */
   readonly cancel: (client: SqlClient, conn: Connection) => Effect.Effect<void>
+  /**
+   * Takes a transaction-scoped advisory lock on `key`: waits for it (`wait`), or returns whether it was free.
+   * A string key is hashed to a 64-bit key by the database.
+   */
+  readonly advisoryLock: (conn: Connection, key: bigint | string, wait: boolean) => Effect.Effect<boolean, SqlError>
   /** Sets a setting until the end of the transaction; undone by rolling back to an earlier savepoint. */
   readonly setLocal: (conn: Connection, name: string, value: string) => Effect.Effect<void, SqlError>
   readonly rollback: string
@@ -95,6 +100,15 @@ export const postgres: Dialect = {
   cancel: (client, conn) => {
     const pid = (pgClientOf(conn) as { readonly processID?: unknown } | undefined)?.processID
     return typeof pid === "number" ? Effect.ignore(client.unsafe("SELECT pg_cancel_backend($1)", [pid])) : Effect.void
+  },
+  advisoryLock: (conn, key, wait) => {
+    const fn = wait ? "pg_advisory_xact_lock" : "pg_try_advisory_xact_lock"
+    const sql =
+      typeof key === "string" ? `SELECT ${fn}(hashtextextended($1, 0)) AS locked` : `SELECT ${fn}($1::bigint) AS locked`
+    return Effect.map(
+      conn.execute(sql, [typeof key === "string" ? key : key.toString()], undefined),
+      (rows) => wait || (rows[0] as { readonly locked?: unknown } | undefined)?.locked === true
+    )
   },
   setLocal: (conn, name, value) =>
     Effect.asVoid(conn.execute("SELECT set_config($1, $2, true)", [name, value], undefined)),

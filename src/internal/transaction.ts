@@ -867,3 +867,34 @@ export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient>
   SqlClient.SqlClient,
   Effect.map(SqlClient.SqlClient, wrapClient)
 )
+
+const INT64_MIN = -(2n ** 63n)
+const INT64_MAX = 2n ** 63n - 1n
+
+/** The key as the database takes it, or undefined when it is not a 64-bit integer or a string. */
+const advisoryKey = (key: number | bigint | string): bigint | string | undefined => {
+  if (typeof key === "string") return key
+  if (typeof key === "number" && !Number.isSafeInteger(key)) return undefined
+  const big = BigInt(key)
+  return big >= INT64_MIN && big <= INT64_MAX ? big : undefined
+}
+
+/** @internal */
+export const advisoryLock = (
+  key: number | bigint | string,
+  wait: boolean
+): Effect.Effect<boolean, TransactionError | SqlError, Transaction.Current> => {
+  const checked = advisoryKey(key)
+  if (checked === undefined) {
+    return Effect.fail(
+      invalidOption(
+        `${String(key)} is not an advisory lock key: use a string, or an integer between -2^63 and 2^63 - 1 ` +
+          "(a bigint beyond 2^53). Nothing was sent."
+      )
+    )
+  }
+  return Effect.flatMap(Current, (current) => {
+    const frame = current as Frame
+    return frame.tx.dialect.advisoryLock(frame.connection, checked, wait)
+  })
+}

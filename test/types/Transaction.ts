@@ -76,3 +76,9 @@ Transaction.withTransaction(body, {
 Transaction.withTransaction(body, { retry: Schedule.recurs(3).pipe(Schedule.mapInput((n: number) => n)) })
 // @ts-expect-error not a duration
 Transaction.withTransaction(body, { timeout: { seconds: 5 } })
+
+// Advisory locks need a transaction too.
+const lock = Transaction.tryAdvisoryLock("job")
+expect<Equals<Effect.Effect.Context<typeof lock>, Transaction.Current>>(true)
+// @ts-expect-error Current is not provided
+Effect.runPromise(Transaction.advisoryLock(1))
