@@ -27,7 +27,7 @@ import * as Predicate from "effect/Predicate"
  *   (23502), `ExclusionViolation` (23P01): the data breaks a constraint (`constraint` names it).
  * - `LockTimeout` (55P03), `StatementTimeout` (57014), `IdleInTransactionTimeout` (25P03).
  * - `ReadOnlyTransaction` (25006): a write in a read-only transaction.
- * - `ConnectionLost` (class 08, 57P01 to 57P03, or a driver error without SQLSTATE).
+ * - `ConnectionLost` (class 08, 57P01 to 57P03, or a driver error that says the connection failed).
  * - `Unknown`: anything else; `sqlState` and `cause` say more.
  *
  * @since 0.1.0
@@ -176,7 +176,8 @@ export const databaseInfo = (error: SqlError | unknown): DatabaseInfo => {
     const found = (current as { readonly message?: unknown }).message
     if (Predicate.isString(found) && found.length > 0) message = found
     const code = (current as { readonly code?: unknown }).code
-    if (Predicate.isString(code) && /^[0-9A-Z]{5}$/.test(code)) {
+    // Five characters like a SQLSTATE, but not a Node error code such as EPIPE.
+    if (Predicate.isString(code) && /^[0-9A-Z]{5}$/.test(code) && !/^E[A-Z]+$/.test(code)) {
       const constraint = (current as { readonly constraint?: unknown }).constraint
       return { sqlState: code, constraint: Predicate.isString(constraint) ? constraint : undefined, message }
     }
@@ -186,7 +187,7 @@ export const databaseInfo = (error: SqlError | unknown): DatabaseInfo => {
 }
 
 /**
- * The reason a SQLSTATE stands for (`Unknown` when it is not one this library classifies).
+ * The reason a SQLSTATE stands for (`Unknown` when it is not one this library classifies, or absent).
  *
  * @since 0.1.0
  * @category accessors
@@ -198,7 +199,7 @@ export const databaseInfo = (error: SqlError | unknown): DatabaseInfo => {
  * ```
  */
 export const reasonOfSqlState = (sqlState: string | undefined): Reason => {
-  if (sqlState === undefined) return "ConnectionLost"
+  if (sqlState === undefined) return "Unknown"
   switch (sqlState) {
     case "40001":
       return "SerializationFailure"
@@ -245,6 +246,22 @@ const advice: Partial<Record<Reason, string>> = {
   ConnectionLost: "The connection to the database failed; the transaction was not committed."
 }
 
+/** A driver error without SQLSTATE that says the connection itself failed. */
+const connectionFailed = (error: unknown): boolean => {
+  let current: unknown = error
+  for (let i = 0; i < 5 && Predicate.isObject(current); i++) {
+    const { code, message } = current as { readonly code?: unknown; readonly message?: unknown }
+    if (Predicate.isString(code) && /^(ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|EHOSTUNREACH|ENOTFOUND)$/.test(code)) {
+      return true
+    }
+    if (Predicate.isString(message) && /connection terminated|not queryable|connection error|socket/i.test(message)) {
+      return true
+    }
+    current = (current as { readonly cause?: unknown }).cause
+  }
+  return false
+}
+
 /**
  * Classifies any failure by what the database said: a `SqlError` (or an error whose `cause` chain holds the
  * driver's error) becomes a `TransactionError` whose `reason` follows the SQLSTATE, with `constraint` and
@@ -271,7 +288,8 @@ const advice: Partial<Record<Reason, string>> = {
 export const classify = (error: unknown): TransactionError => {
   if (error instanceof TransactionError) return error
   const info = databaseInfo(error)
-  const reason = reasonOfSqlState(info.sqlState)
+  const reason =
+    info.sqlState === undefined && connectionFailed(error) ? "ConnectionLost" : reasonOfSqlState(info.sqlState)
   const hint = advice[reason]
   return new TransactionError({
     reason,

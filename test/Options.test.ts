@@ -1,4 +1,4 @@
-import { SqlClient } from "@effect/sql"
+import { SqlClient, SqlError } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { Cause, Deferred, Duration, Effect, Exit, Fiber, Layer, Option, Schedule } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
@@ -309,6 +309,22 @@ describe("TransactionError.classify", () => {
           Effect.map(TransactionError.classify)
         )
         assert.strictEqual(readOnly.reason, "ReadOnlyTransaction")
+      })
+    )
+
+    it.effect("an error without SQLSTATE is Unknown, unless the driver says the connection failed", () =>
+      Effect.sync(() => {
+        assert.strictEqual(TransactionError.classify(new Error("boom")).reason, "Unknown")
+        assert.strictEqual(TransactionError.classify("not even an error").reason, "Unknown")
+        assert.isFalse(TransactionError.isReason("ConnectionLost")(new Error("boom")))
+        const lost = new SqlError.SqlError({
+          message: "Failed to execute statement",
+          cause: new Error("Connection terminated unexpectedly")
+        })
+        assert.strictEqual(TransactionError.classify(lost).reason, "ConnectionLost")
+        const reset = Object.assign(new Error("write EPIPE"), { code: "EPIPE" })
+        assert.strictEqual(TransactionError.databaseInfo(reset).sqlState, undefined)
+        assert.strictEqual(TransactionError.classify(reset).reason, "ConnectionLost")
       })
     )
 

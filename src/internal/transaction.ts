@@ -518,7 +518,13 @@ const finishOutermost = <A, E>(
                 Duration.millis(remaining!)
               )
             ),
-            (timer) => Effect.ensuring(tx.dialect.commit(tx.conn), Fiber.interrupt(timer))
+            // A cancel already sent must land before the connection can go back to the pool, where it could
+            // cancel another transaction's statement; the database ignores it once the session is idle.
+            (timer) =>
+              Effect.ensuring(
+                tx.dialect.commit(tx.conn),
+                Effect.suspend(() => (cancelled ? Effect.asVoid(Fiber.await(timer)) : Fiber.interrupt(timer)))
+              )
           )
     return Effect.matchCauseEffect(commit, {
       onFailure: (cause) => {
