@@ -6,12 +6,16 @@
  */
 import type * as SqlClient from "@effect/sql/SqlClient"
 import type { SqlError } from "@effect/sql/SqlError"
+import type * as Cause from "effect/Cause"
 import type * as Context from "effect/Context"
 import type * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import { dual } from "effect/Function"
 import type * as Layer from "effect/Layer"
+import type * as Option from "effect/Option"
 import type * as Schedule from "effect/Schedule"
+import type * as Scope from "effect/Scope"
+import type { YieldWrap } from "effect/Utils"
 import * as internal from "./internal/transaction.js"
 import type { TransactionError } from "./TransactionError.js"
 
@@ -80,6 +84,12 @@ export interface Options {
    * `COMMIT`. `true` uses `defaultRetrySchedule`; a `Schedule` (fed the classified error) decides itself.
    */
   readonly retry?: boolean | Schedule.Schedule<unknown, TransactionError> | undefined
+  /**
+   * How long to wait for a pooled connection before failing with `AcquireTimeout`; the wait can then also be
+   * interrupted. Without it, the wait is bounded only by the pool's own `connectTimeout`. `requiresNew` defaults
+   * it to 5 seconds.
+   */
+  readonly acquireTimeout?: Duration.DurationInput | undefined
 }
 
 /**
@@ -105,6 +115,23 @@ export interface Transaction {
   readonly deferrable: boolean
   /** `false` once the block has ended; statements on a closed block fail with `TransactionClosed`. */
   readonly isOpen: boolean
+}
+
+/**
+ * A savepoint taken through a manual handle: a nested block that stays open until it is released or rolled back.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import type { Transaction } from "effect-transaction"
+ *
+ * const describe = (savepoint: Transaction.Savepoint) => `${savepoint.name} at depth ${savepoint.depth}`
+ * ```
+ */
+export interface Savepoint extends Transaction {
+  /** The savepoint's name in SQL. */
+  readonly name: string
 }
 
 /**
@@ -182,6 +209,355 @@ export const withTransaction: {
   (args) => args.length > 0 && Effect.isEffect(args[0]),
   <A, E, R>(self: Effect.Effect<A, E, R>, options?: Options) => internal.withTransaction(self, options)
 )
+
+/**
+ * The current transaction if there is one, without requiring it.
+ *
+ * @since 0.1.0
+ * @category accessors
+ * @example
+ * ```ts
+ * import { Effect, Option } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const where = Effect.map(Transaction.currentOption, Option.match({
+ *   onNone: () => "outside any transaction",
+ *   onSome: (tx) => `in transaction ${tx.id}, depth ${tx.depth}, ${tx.readOnly ? "read-only" : "read-write"}`
+ * }))
+ * ```
+ */
+export const currentOption: Effect.Effect<Option.Option<Transaction>> = internal.currentOption
+
+/**
+ * Whether the current fiber runs inside a transaction that is still open.
+ *
+ * @since 0.1.0
+ * @category accessors
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const audit = Effect.flatMap(Transaction.isActive, (active) => Effect.log(`in a transaction: ${active}`))
+ * ```
+ */
+export const isActive: Effect.Effect<boolean> = internal.isActive
+
+/**
+ * Defines a function whose body always runs as one transaction: `Effect.fn` (a named span, call-site stack
+ * traces) plus `withTransaction` with the given options. Called inside another transaction, it becomes a nested
+ * block (a savepoint) of it. The body is a generator function or a function returning an Effect; the types of
+ * arguments, success, errors and requirements are inferred from it, `Current` is provided.
+ *
+ * @since 0.1.0
+ * @category constructors
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { SqlClient } from "@effect/sql"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const transfer = Transaction.fn("transfer", { isolation: "serializable", retry: true })(
+ *   function* (from: number, to: number, amount: number) {
+ *     const sql = yield* SqlClient.SqlClient
+ *     yield* sql`UPDATE accounts SET balance = balance - ${amount} WHERE id = ${from}`
+ *     yield* sql`UPDATE accounts SET balance = balance + ${amount} WHERE id = ${to}`
+ *   }
+ * )
+ *
+ * // Without a generator: a function that returns an Effect.
+ * const close = Transaction.fn("close")((id: number) =>
+ *   Effect.flatMap(SqlClient.SqlClient, (sql) => sql`UPDATE accounts SET closed = true WHERE id = ${id}`)
+ * )
+ *
+ * const program = Effect.zipRight(transfer(1, 2, 10), close(1))
+ * ```
+ */
+export const fn: (
+  name: string,
+  options?: Options
+) => {
+  <Eff extends YieldWrap<Effect.Effect<any, any, any>>, AEff, Args extends Array<any>>(
+    body: (...args: Args) => Generator<Eff, AEff, never>
+  ): (
+    ...args: Args
+  ) => Effect.Effect<
+    AEff,
+    | ([Eff] extends [never] ? never : [Eff] extends [YieldWrap<Effect.Effect<infer _A, infer E, infer _R>>] ? E : never)
+    | TransactionError,
+    | Exclude<
+        [Eff] extends [never] ? never : [Eff] extends [YieldWrap<Effect.Effect<infer _A, infer _E, infer R>>] ? R : never,
+        Current
+      >
+    | SqlClient.SqlClient
+  >
+  <Args extends Array<any>, A, E, R>(
+    body: (...args: Args) => Effect.Effect<A, E, R>
+  ): (...args: Args) => Effect.Effect<A, E | TransactionError, Exclude<R, Current> | SqlClient.SqlClient>
+} = (name, options) => {
+  const traced = Effect.fn(name)
+  return (body: (...args: Array<any>) => any) =>
+    traced(body, (effect: Effect.Effect<unknown, unknown, unknown>) => internal.withTransaction(effect, options))
+}
+
+/**
+ * Runs an effect in a new, independent transaction on another pooled connection, even inside a transaction: it
+ * commits or rolls back on its own, and its commit survives a rollback of the caller's transaction (an audit
+ * record, a job claim). It does not see the caller's uncommitted writes. The caller keeps its connection while it
+ * waits for a second one, so many fibers doing this at once can exhaust the pool: `acquireTimeout` (5 seconds
+ * unless given) bounds the wait, which then fails with `AcquireTimeout`. The options are those of
+ * `withTransaction`.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { SqlClient } from "@effect/sql"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const audit = (event: string) =>
+ *   Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO audit ${sql.insert({ event })}`).pipe(
+ *     Transaction.requiresNew({ acquireTimeout: "2 seconds" })
+ *   )
+ *
+ * declare const placeOrder: Effect.Effect<void, Error, SqlClient.SqlClient>
+ *
+ * // The attempt is audited even when placing the order fails and rolls back.
+ * const program = Effect.zipRight(audit("order attempted"), placeOrder).pipe(Transaction.withTransaction())
+ * ```
+ */
+export const requiresNew: {
+  (
+    options?: Options
+  ): <A, E, R>(
+    self: Effect.Effect<A, E, R>
+  ) => Effect.Effect<A, E | TransactionError, Exclude<R, Current> | SqlClient.SqlClient>
+  <A, E, R>(
+    self: Effect.Effect<A, E, R>,
+    options?: Options
+  ): Effect.Effect<A, E | TransactionError, Exclude<R, Current> | SqlClient.SqlClient>
+} = dual(
+  (args) => args.length > 0 && Effect.isEffect(args[0]),
+  <A, E, R>(self: Effect.Effect<A, E, R>, options?: Options) => internal.requiresNew(self, options)
+)
+
+/**
+ * What went wrong in an `afterCommit` or `afterRollback` hook, as given to `HookFailureHandler`.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import { Cause } from "effect"
+ * import type { Transaction } from "effect-transaction"
+ *
+ * const summary = (failure: Transaction.HookFailure) =>
+ *   `${failure.kind} of transaction ${failure.transactionId}: ${Cause.pretty(failure.cause)}`
+ * ```
+ */
+export interface HookFailure {
+  readonly kind: "afterCommit" | "afterRollback"
+  /** The `id` of the transaction whose hook failed. */
+  readonly transactionId: number
+  /** The hook's position among the hooks of its kind that ran, from 0, in registration order. */
+  readonly index: number
+  /** The hook's failure, defect or interruption. */
+  readonly cause: Cause.Cause<unknown>
+  /** What happened and what to do, ready to log. */
+  readonly message: string
+}
+
+/**
+ * The tag's identifier for the hook failure handler.
+ *
+ * @since 0.1.0
+ * @category tags
+ * @example
+ * ```ts
+ * import type { Context, Effect } from "effect"
+ * import type { Transaction } from "effect-transaction"
+ *
+ * type Handler = Context.Tag.Service<typeof Transaction.HookFailureHandler>
+ * declare const handler: Handler
+ * const report: (failure: Transaction.HookFailure) => Effect.Effect<void> = handler
+ * ```
+ */
+export interface HookFailureHandler {
+  readonly _: unique symbol
+}
+
+/**
+ * Receives every failure of an `afterCommit` or `afterRollback` hook. A failing hook never changes the outcome of
+ * the transaction or of `withTransaction`: the default handler logs the failure at level Error with its cause;
+ * provide your own to count, alert or collect. It is read from the context of the fiber that ends the transaction.
+ *
+ * @since 0.1.0
+ * @category tags
+ * @example
+ * ```ts
+ * import { Effect, Layer } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * // For the whole app:
+ * const HookFailuresToMetrics = Layer.succeed(Transaction.HookFailureHandler, (failure) =>
+ *   Effect.logError(`hook failed: ${failure.kind}`, failure.cause)
+ * )
+ *
+ * // Around one program:
+ * declare const program: Effect.Effect<void>
+ * const failures: Array<Transaction.HookFailure> = []
+ * const observed = program.pipe(
+ *   Effect.provideService(Transaction.HookFailureHandler, (failure) => Effect.sync(() => failures.push(failure)))
+ * )
+ * ```
+ */
+export const HookFailureHandler: Context.Reference<
+  HookFailureHandler,
+  (failure: HookFailure) => Effect.Effect<void>
+> = internal.HookFailureHandler
+
+/**
+ * Runs `effect` once after the outermost transaction commits, outside it: the connection is back in the pool and
+ * the writes are visible to everyone. Registered inside a nested block that rolls back, it is dropped with the
+ * block. With `retry`, only the attempt that commits runs its hooks. Hooks run in registration order, before
+ * `withTransaction` returns; a failing hook goes to `HookFailureHandler` (logged by default) and never fails the
+ * transaction or the other hooks. The hook keeps the services of the place it was registered in. Fails with
+ * `TransactionClosed` after the block has ended, and with `Unsupported` inside a transaction this library did not
+ * open.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { SqlClient } from "@effect/sql"
+ * import { Transaction } from "effect-transaction"
+ *
+ * declare const sendWelcomeEmail: (email: string) => Effect.Effect<void, Error>
+ *
+ * const signUp = (email: string) =>
+ *   Effect.gen(function* () {
+ *     const sql = yield* SqlClient.SqlClient
+ *     yield* sql`INSERT INTO users ${sql.insert({ email })}`
+ *     // Sent only if the user row is committed.
+ *     yield* Transaction.afterCommit(sendWelcomeEmail(email))
+ *   }).pipe(Transaction.withTransaction())
+ * ```
+ */
+export const afterCommit: <X, E, R>(effect: Effect.Effect<X, E, R>) => Effect.Effect<void, TransactionError, R | Current> =
+  (effect) => internal.registerHook("afterCommit", effect)
+
+/**
+ * Runs `effect` once after the outermost transaction rolls back (whatever the reason: a failure, an interruption,
+ * a timeout, a failed COMMIT), outside it. With `retry`, it runs after each attempt that rolled back. Otherwise as
+ * `afterCommit`: dropped with a nested block that rolls back, failures go to `HookFailureHandler`.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * declare const uploadFile: (name: string) => Effect.Effect<void>
+ * declare const deleteFile: (name: string) => Effect.Effect<void>
+ * declare const saveRecord: (name: string) => Effect.Effect<void, Error>
+ *
+ * // The upload is undone when the record it belongs to is not committed.
+ * const attach = (name: string) =>
+ *   Effect.gen(function* () {
+ *     yield* uploadFile(name)
+ *     yield* Transaction.afterRollback(deleteFile(name))
+ *     yield* saveRecord(name)
+ *   }).pipe(Transaction.withTransaction())
+ * ```
+ */
+export const afterRollback: <X, E, R>(
+  effect: Effect.Effect<X, E, R>
+) => Effect.Effect<void, TransactionError, R | Current> = (effect) => internal.registerHook("afterRollback", effect)
+
+/**
+ * The options of `begin`: those of `withTransaction` but `timeout` and `retry`, which need the whole transaction as
+ * one effect.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import type { Transaction } from "effect-transaction"
+ *
+ * const options: Transaction.BeginOptions = { isolation: "repeatable read", statementTimeout: "5 seconds" }
+ * ```
+ */
+export type BeginOptions = Omit<Options, "timeout" | "retry">
+
+/**
+ * A transaction under manual control, from `begin`. `run` runs work in it (in the newest open savepoint);
+ * `commit` and `rollback` end it, once; savepoints are taken, rolled back to and released by hand. After the end,
+ * every method fails with `TransactionClosed`. Work started with `run` must be finished before `commit`: a
+ * statement still to come is refused once the transaction has ended.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * declare const handle: Transaction.Handle
+ * const finish = (ok: boolean) => (ok ? handle.commit : handle.rollback)
+ * ```
+ */
+export interface Handle {
+  /** The transaction (or, inside another transaction, the nested block) the handle controls. */
+  readonly transaction: Transaction
+  /** Runs `effect` inside the transaction, in its newest open savepoint. */
+  readonly run: <A, E, R>(effect: Effect.Effect<A, E, R>) => Effect.Effect<A, E | TransactionError, Exclude<R, Current>>
+  /** Commits (releasing savepoints still open) and runs the `afterCommit` hooks. */
+  readonly commit: Effect.Effect<void, TransactionError>
+  /** Rolls back and runs the `afterRollback` hooks. */
+  readonly rollback: Effect.Effect<void, TransactionError>
+  /** Takes a savepoint; work run afterwards goes into it until it is released or rolled back. */
+  readonly savepoint: Effect.Effect<Savepoint, TransactionError>
+  /** Undoes the work since `savepoint` (including later savepoints) and keeps it open, as SQL's `ROLLBACK TO`. */
+  readonly rollbackTo: (savepoint: Savepoint) => Effect.Effect<void, TransactionError>
+  /** Ends `savepoint` (and later ones) keeping their work, as SQL's `RELEASE`. */
+  readonly release: (savepoint: Savepoint) => Effect.Effect<void, TransactionError>
+}
+
+/**
+ * Begins a transaction under manual control (ormar's and Kysely's style), for code whose commit point is not the
+ * end of one effect. The handle belongs to the current scope: closing the scope without `commit` rolls back.
+ * Inside another transaction, the handle controls a nested block (a savepoint) of it instead.
+ *
+ * @since 0.1.0
+ * @category constructors
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { SqlClient } from "@effect/sql"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const importRows = (rows: ReadonlyArray<{ readonly id: number }>) =>
+ *   Effect.scoped(
+ *     Effect.gen(function* () {
+ *       const sql = yield* SqlClient.SqlClient
+ *       const tx = yield* Transaction.begin({ isolation: "repeatable read" })
+ *       for (const row of rows) {
+ *         const before = yield* tx.savepoint
+ *         // A row that fails is skipped; the rows before it are kept.
+ *         const inserted = yield* tx.run(sql`INSERT INTO items ${sql.insert(row)}`).pipe(Effect.either)
+ *         yield* inserted._tag === "Left" ? tx.rollbackTo(before) : tx.release(before)
+ *       }
+ *       yield* tx.commit
+ *     })
+ *   )
+ * ```
+ */
+export const begin: (
+  options?: BeginOptions
+) => Effect.Effect<Handle, TransactionError, SqlClient.SqlClient | Scope.Scope> = internal.begin
 
 /**
  * Replaces the app's `SqlClient` with one whose `withTransaction` runs through this engine, so that

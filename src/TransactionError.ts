@@ -20,6 +20,8 @@ import * as Predicate from "effect/Predicate"
  * - `OptionConflict`: a nested block asked for options its outer transaction cannot honour.
  * - `InvalidOption`: an option or argument value that is not allowed; nothing was sent.
  * - `Timeout`: the transaction's `timeout` ran out; it was rolled back.
+ * - `AcquireTimeout`: no pooled connection became free within `acquireTimeout`; nothing was sent.
+ * - `Unsupported`: the call cannot work in this kind of transaction (the message names the alternative).
  *
  * What the database said, by SQLSTATE (from a control statement, or from any `SqlError` through `classify`):
  * - `SerializationFailure` (40001) and `Deadlock` (40P01): retryable by running the whole transaction again.
@@ -49,6 +51,8 @@ export const reasons = [
   "OptionConflict",
   "InvalidOption",
   "Timeout",
+  "AcquireTimeout",
+  "Unsupported",
   "SerializationFailure",
   "Deadlock",
   "UniqueViolation",

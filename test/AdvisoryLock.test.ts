@@ -66,7 +66,9 @@ describe("advisory locks", () => {
         yield* Deferred.succeed(release, undefined)
         yield* Fiber.join(holder)
         yield* Fiber.join(waiter)
-        assert.deepStrictEqual(order, ["released", "holder committed", "waiter got the lock"])
+        // The holder's COMMIT frees the lock; which of the two fibers resumes first after that is up to the driver.
+        assert.strictEqual(order[0], "released")
+        assert.sameMembers(order.slice(1), ["holder committed", "waiter got the lock"])
       })
     )
 

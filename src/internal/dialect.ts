@@ -26,6 +26,8 @@ export interface Dialect {
   readonly release: (name: string) => string
   /** Rolls back to the savepoint and releases it, leaving the outer block as it was before the savepoint. */
   readonly rollbackTo: (name: string) => string
+  /** Rolls back to the savepoint and keeps it, so that work can go on inside it. */
+  readonly rewind: (name: string) => string
   /** Joins control statements so that they travel in one round trip. */
   readonly batch: (statements: ReadonlyArray<string>) => string
   /** Runs COMMIT; succeeds with `false` when the database ended the transaction with a rollback instead. */
@@ -87,6 +89,7 @@ export const postgres: Dialect = {
   savepoint: (name) => `SAVEPOINT ${name}`,
   release: (name) => `RELEASE SAVEPOINT ${name}`,
   rollbackTo: (name) => `ROLLBACK TO SAVEPOINT ${name}; RELEASE SAVEPOINT ${name}`,
+  rewind: (name) => `ROLLBACK TO SAVEPOINT ${name}`,
   batch: (statements) => statements.join("; "),
   // PostgreSQL answers COMMIT of an aborted transaction with the command tag ROLLBACK and no error.
   commit: (conn) =>

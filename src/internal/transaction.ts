@@ -60,6 +60,10 @@ interface Tx {
   pendingRelease: string | undefined
   /** Set when the connection's state is unknown: it is destroyed instead of returned to the pool. */
   broken: boolean
+  /** A transaction opened by other code (not this engine) that a block nested in: its end is not ours to see. */
+  foreign: boolean
+  /** How the outermost block ended, once it has: which hooks run. */
+  outcome: "committed" | "rolledBack" | "unknown" | undefined
 }
 
 const makeTx = (
@@ -78,7 +82,9 @@ const makeTx = (
   waiters: [],
   savepoints: 0,
   pendingRelease: undefined,
-  broken: false
+  broken: false,
+  foreign: false,
+  outcome: undefined
 })
 
 /** One block: the outermost transaction (depth 0) or a nested savepoint. */
@@ -88,6 +94,8 @@ class Frame implements Transaction.Transaction {
   abandoned = false
   /** A statement inside this block failed, so the database refuses further work until it is rolled back. */
   aborted = false
+  /** Hooks registered in this block; handed to the parent when it succeeds, dropped when it rolls back. */
+  hooks: Array<Hook> = []
   readonly connection: Connection
 
   constructor(
@@ -113,6 +121,9 @@ class Frame implements Transaction.Transaction {
   }
   get isOpen() {
     return this.open
+  }
+  get name() {
+    return this.savepoint ?? ""
   }
   describe() {
     return this.depth === 0 || this.savepoint === undefined
@@ -325,7 +336,7 @@ const validateOptions = (options: Transaction.Options): TransactionError | undef
   return undefined
 }
 
-const durationOptions = ["timeout", "statementTimeout", "lockTimeout", "idleTimeout"] as const
+const durationOptions = ["timeout", "statementTimeout", "lockTimeout", "idleTimeout", "acquireTimeout"] as const
 
 /** A positive, finite duration in milliseconds, or undefined for anything else. */
 const millisOf = (input: Duration.DurationInput): number | undefined => {
@@ -458,6 +469,21 @@ const closeInner = (frame: Frame): Effect.Effect<void> =>
     return Effect.catchAllCause(run(tx.conn, tx.dialect.rollbackTo(inner[0]!.savepoint!)), () => markAborted(frame))
   })
 
+/**
+ * Closes the savepoints still open inside `frame` keeping their writes, as releasing or committing `frame` does in
+ * SQL: their hooks pass down to `frame`, and an aborted one aborts `frame`. Used by the manual handle.
+ */
+const keepInner = (frame: Frame): void => {
+  const tx = frame.tx
+  const inner = tx.stack.splice(tx.stack.indexOf(frame) + 1)
+  for (let i = inner.length - 1; i >= 0; i--) {
+    const block = inner[i]!
+    block.open = false
+    if (block.aborted) frame.aborted = true
+    block.parent!.hooks.push(...block.hooks)
+  }
+}
+
 /** Whether a failed COMMIT may still have been committed: the connection broke before the answer came. */
 const outcomeUnknown = (cause: unknown) => {
   const { sqlState } = databaseInfo(cause)
@@ -472,16 +498,24 @@ const timeoutError = (frame: Frame, timeoutMillis: number, when: string) =>
       "and nothing was committed. Raise the timeout, or make the transaction do less."
   })
 
+/**
+ * Ends the outermost block: `COMMIT` when `exit` succeeded, `ROLLBACK` otherwise, and records the outcome. Blocks
+ * still open inside it are rolled back (`inner: "rollback"`, the block's body has returned without them) or kept
+ * (`"keep"`, savepoints of the manual handle).
+ */
 const finishOutermost = <A, E>(
   frame: Frame,
   exit: Exit.Exit<A, E>,
-  limit: { readonly deadline: number; readonly timeoutMillis: number } | undefined
+  limit: { readonly deadline: number; readonly timeoutMillis: number } | undefined,
+  inner: "rollback" | "keep" = "rollback"
 ): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
   /** Rolls back, then fails with `failure`; a failed ROLLBACK is added after it and the connection destroyed. */
   const rollback = (failure: Cause.Cause<E | TransactionError>) =>
     Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollback), {
       onFailure: (cause) => {
+        // The destroyed session ends, and with it the transaction: nothing is committed.
+        tx.outcome ??= "rolledBack"
         tx.broken = true
         const error = controlError(
           "RollbackFailed",
@@ -491,7 +525,10 @@ const finishOutermost = <A, E>(
         )
         return Effect.failCause(Cause.sequential(failure, Cause.fail(error)))
       },
-      onSuccess: () => Effect.failCause(failure)
+      onSuccess: () => {
+        tx.outcome ??= "rolledBack"
+        return Effect.failCause(failure)
+      }
     })
   const end = Effect.suspend((): Effect.Effect<A, E | TransactionError> => {
     frame.open = false
@@ -532,6 +569,7 @@ const finishOutermost = <A, E>(
         if (limit !== undefined && cancelled && databaseInfo(error).sqlState === "57014") {
           return rollback(Cause.fail(timeoutError(frame, limit.timeoutMillis, "COMMIT was still running")))
         }
+        if (outcomeUnknown(error)) tx.outcome = "unknown"
         return rollback(
           Cause.fail(
             controlError(
@@ -546,81 +584,148 @@ const finishOutermost = <A, E>(
           )
         )
       },
-      onSuccess: (committed): Effect.Effect<A, E | TransactionError> =>
-        committed ? exit : rollback(Cause.fail(abortedError(frame)))
+      onSuccess: (committed): Effect.Effect<A, E | TransactionError> => {
+        if (!committed) return rollback(Cause.fail(abortedError(frame)))
+        tx.outcome = "committed"
+        return exit
+      }
     })
   })
-  return Effect.flatMap(acquire(frame, "end"), () =>
-    innermost(tx) === frame ? end : Effect.zipRight(closeInner(frame), end)
-  ).pipe(Effect.ensuring(releaseEffect(tx)))
+  return Effect.flatMap(acquire(frame, "end"), () => {
+    if (innermost(tx) === frame) return end
+    if (inner === "rollback") return Effect.zipRight(closeInner(frame), end)
+    keepInner(frame)
+    return end
+  }).pipe(Effect.ensuring(releaseEffect(tx)))
 }
+
+const reserveFailed = (cause: unknown) =>
+  controlError(
+    "BeginFailed",
+    "Reserving a connection for the transaction",
+    "Nothing was sent to the database. Check that the database is reachable and the pool is not exhausted.",
+    cause
+  )
+
+const acquireTimeoutError = (millis: number, holding: boolean) =>
+  new TransactionError({
+    reason: "AcquireTimeout",
+    message:
+      `No pooled connection became free within ${millis} ms, so the transaction did not start and nothing was ` +
+      "sent. Every connection of the pool is held by other work" +
+      (holding
+        ? ", and this fiber already holds one for the transaction it is inside: if many fibers do that at once, " +
+          "the pool runs dry and each waits for the others. "
+        : ". ") +
+      "Raise the pool's maxConnections, keep transactions shorter, or raise acquireTimeout."
+  })
+
+/**
+ * Reserves a connection into `scope`. Without a bound it waits, uninterruptibly: @effect/sql-pg loses a pooled
+ * client whose reservation is interrupted while it waits. With one, another fiber waits while this one may give
+ * up or be interrupted; a connection that arrives later is released at once, as its scope has closed by then.
+ */
+const reserve = (
+  client: SqlClient.SqlClient,
+  scope: Scope.Scope,
+  millis: number | undefined,
+  holding: boolean,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<Connection, TransactionError> => {
+  if (millis === undefined) return Effect.mapError(Scope.extend(client.reserve, scope), reserveFailed)
+  return Effect.flatMap(Effect.forkDaemon(Scope.extend(client.reserve, scope)), (waiting) =>
+    Effect.matchCauseEffect(restore(Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))), {
+      onFailure: (cause): Effect.Effect<never, TransactionError> =>
+        Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause))),
+      onSuccess: Option.match({
+        onNone: () => Effect.fail(acquireTimeoutError(millis, holding)),
+        onSome: Effect.succeed
+      })
+    })
+  )
+}
+
+/** Reserves a connection into `scope` and opens the outermost block on it. */
+const open = (
+  client: SqlClient.SqlClient,
+  dialect: Dialect,
+  options: Transaction.Options,
+  scope: Scope.Scope,
+  holding: boolean,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<Frame, TransactionError> => {
+  const characteristics: Characteristics = {
+    isolation: options.isolation,
+    readOnly: options.readOnly,
+    deferrable: options.deferrable,
+    statementTimeoutMillis: options.statementTimeout === undefined ? undefined : millisOf(options.statementTimeout),
+    lockTimeoutMillis: options.lockTimeout === undefined ? undefined : millisOf(options.lockTimeout),
+    idleTimeoutMillis: options.idleTimeout === undefined ? undefined : millisOf(options.idleTimeout)
+  }
+  const acquireMillis = options.acquireTimeout === undefined ? undefined : millisOf(options.acquireTimeout)
+  return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore), (conn) => {
+    const tx = makeTx(client, conn, dialect, characteristics)
+    const frame = new Frame(tx, undefined, 0, undefined)
+    return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
+      onFailure: (cause) => {
+        frame.open = false
+        return Effect.zipRight(
+          dialect.destroy(conn),
+          controlError(
+            "BeginFailed",
+            dialect.begin(characteristics),
+            "No transaction was opened and the connection was closed.",
+            Cause.squash(cause)
+          )
+        )
+      },
+      onSuccess: () => {
+        tx.stack.push(frame)
+        return Effect.succeed(frame)
+      }
+    })
+  })
+}
+
+/** Gives the connection back to the pool, or destroys it when its state is unknown. */
+const closeConnection = (tx: Tx | undefined, scope: Scope.CloseableScope, exit: Exit.Exit<unknown, unknown>) =>
+  tx?.broken === true ? Effect.zipRight(tx.dialect.destroy(tx.conn), Scope.close(scope, exit)) : Scope.close(scope, exit)
 
 const outermost = <A, E, R>(
   client: SqlClient.SqlClient,
   dialect: Dialect,
   options: Transaction.Options,
+  holding: boolean,
   effect: Effect.Effect<A, E, R>,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
 ): Effect.Effect<A, E | TransactionError, R> =>
   Effect.flatMap(Scope.make(), (scope) => {
-    let tx: Tx | undefined
-    const characteristics: Characteristics = {
-      isolation: options.isolation,
-      readOnly: options.readOnly,
-      deferrable: options.deferrable,
-      statementTimeoutMillis: options.statementTimeout === undefined ? undefined : millisOf(options.statementTimeout),
-      lockTimeoutMillis: options.lockTimeout === undefined ? undefined : millisOf(options.lockTimeout),
-      idleTimeoutMillis: options.idleTimeout === undefined ? undefined : millisOf(options.idleTimeout)
-    }
+    let frame: Frame | undefined
     const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
-    // Not interruptible: @effect/sql-pg loses a pooled client whose reservation is interrupted while it waits.
-    return Scope.extend(client.reserve, scope).pipe(
-      Effect.mapError((cause) =>
-        controlError(
-          "BeginFailed",
-          "Reserving a connection for the transaction",
-          "Nothing was sent to the database. Check that the database is reachable and the pool is not exhausted.",
-          cause
+    return open(client, dialect, options, scope, holding, restore).pipe(
+      Effect.flatMap((opened) => {
+        frame = opened
+        const body = restore(provideFrame(effect, opened))
+        if (timeoutMillis === undefined) {
+          return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(opened, exit, undefined))
+        }
+        const deadline = Date.now() + timeoutMillis
+        return Effect.flatMap(
+          Effect.exit(
+            Effect.timeoutFail(body, {
+              duration: Duration.millis(timeoutMillis),
+              onTimeout: () => timeoutError(opened, timeoutMillis, "its body was still running")
+            })
+          ),
+          (exit) => finishOutermost(opened, exit, { deadline, timeoutMillis })
         )
-      ),
-      Effect.flatMap((conn) => {
-        tx = makeTx(client, conn, dialect, characteristics)
-        const frame = new Frame(tx, undefined, 0, undefined)
-        return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
-          onFailure: (cause) => {
-            frame.open = false
-            tx!.broken = true
-            return controlError(
-              "BeginFailed",
-              dialect.begin(characteristics),
-              "No transaction was opened and the connection was closed.",
-              Cause.squash(cause)
-            )
-          },
-          onSuccess: () => {
-            tx!.stack.push(frame)
-            const body = restore(provideFrame(effect, frame))
-            if (timeoutMillis === undefined) {
-              return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(frame, exit, undefined))
-            }
-            const deadline = Date.now() + timeoutMillis
-            return Effect.flatMap(
-              Effect.exit(
-                Effect.timeoutFail(body, {
-                  duration: Duration.millis(timeoutMillis),
-                  onTimeout: () => timeoutError(frame, timeoutMillis, "its body was still running")
-                })
-              ),
-              (exit) => finishOutermost(frame, exit, { deadline, timeoutMillis })
-            )
-          }
-        })
       }),
-      Effect.onExit((exit) =>
-        tx?.broken === true
-          ? Effect.zipRight(tx.dialect.destroy(tx.conn), Scope.close(scope, exit))
-          : Scope.close(scope, exit)
-      )
+      Effect.onExit((exit) => closeConnection(frame?.tx, scope, exit)),
+      // The hooks run once the connection is back in the pool.
+      (ended) =>
+        Effect.flatMap(Effect.exit(ended), (exit) =>
+          frame === undefined || frame.hooks.length === 0 ? exit : Effect.zipRight(restore(runHooks(frame)), exit)
+        )
     )
   })
 
@@ -636,7 +741,11 @@ const abandonedResult = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effe
         })
       )
 
-const finishNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
+const finishNested = <A, E>(
+  frame: Frame,
+  exit: Exit.Exit<A, E>,
+  inner: "rollback" | "keep" = "rollback"
+): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
   if (frame.abandoned) return abandonedResult(frame, exit)
   const name = frame.savepoint!
@@ -647,6 +756,7 @@ const finishNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<
     if (Exit.isSuccess(exit) && !frame.aborted) {
       // Releasing this savepoint releases any deeper one still pending.
       tx.pendingRelease = name
+      frame.parent!.hooks.push(...frame.hooks)
       release(tx)
       return exit
     }
@@ -673,15 +783,18 @@ const finishNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<
       release(tx)
       return abandonedResult(frame, exit)
     }
-    return innermost(tx) === frame ? end() : Effect.flatMap(closeInner(frame), end)
+    if (innermost(tx) === frame) return end()
+    if (inner === "rollback") return Effect.flatMap(closeInner(frame), end)
+    keepInner(frame)
+    return end()
   })
 }
 
-const nested = <A, E, R>(
+/** Opens a savepoint for a block nested in `parent`, once `parent` may use the connection. */
+const openNested = (
   parent: Frame,
-  effect: Effect.Effect<A, E, R>,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
-): Effect.Effect<A, E | TransactionError, R> =>
+): Effect.Effect<Frame, TransactionError> =>
   Effect.flatMap(restore(acquire(parent, "statement")), (ok) => {
     if (!ok) return Effect.fail(closedTransactionError(parent, "A nested block was started"))
     const tx = parent.tx
@@ -707,10 +820,46 @@ const nested = <A, E, R>(
         const frame = new Frame(tx, parent, parent.depth + 1, name)
         tx.stack.push(frame)
         release(tx)
-        return Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishNested(frame, exit))
+        return Effect.succeed(frame)
       }
     })
   })
+
+const nested = <A, E, R>(
+  parent: Frame,
+  effect: Effect.Effect<A, E, R>,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<A, E | TransactionError, R> =>
+  Effect.flatMap(openNested(parent, restore), (frame) =>
+    Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishNested(frame, exit))
+  )
+
+/**
+ * The block a new block nests in: ours, or a root standing for a transaction other code opened on this fiber
+ * (`TransactionConnection` without `Current`), whose end is not ours to see.
+ */
+const parentOf = (context: Context.Context<never>, client: SqlClient.SqlClient | undefined): Frame | undefined => {
+  const current = Context.getOption(context, Current)
+  if (current._tag === "Some") return current.value as Frame
+  const foreign = Context.getOption(context, SqlClient.TransactionConnection)
+  if (foreign._tag === "None") return undefined
+  const [conn, depth] = foreign.value
+  const adopted = makeTx(client ?? Context.unsafeGet(context, SqlClient.SqlClient), conn, Context.get(context, CurrentDialect), {
+    isolation: undefined,
+    readOnly: undefined,
+    deferrable: undefined
+  })
+  adopted.foreign = true
+  const root = new Frame(adopted, undefined, depth, undefined)
+  adopted.stack.push(root)
+  return root
+}
+
+/** Sends a release still pending in a transaction that is not ours: nothing of ours would send it later. */
+const flushForeign = (root: Frame) =>
+  Effect.suspend(() => (root.tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(root))).pipe(
+    Effect.ignore
+  )
 
 /** Runs `effect` in a transaction of `client`, or in a savepoint when one is already open in the fiber. */
 export const transact = <A, E, R>(
@@ -722,42 +871,29 @@ export const transact = <A, E, R>(
     const invalid = validateOptions(options)
     if (invalid !== undefined) return Effect.fail(invalid)
     const context = fiber.currentContext
-    const parent = Context.getOption(context, Current)
-    if (parent._tag === "Some") {
-      const frame = parent.value as Frame
-      const incompatible = checkNestedOptions(frame, options)
+    const parent = parentOf(context, client)
+    if (parent !== undefined) {
+      const incompatible = checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
-      return Effect.uninterruptibleMask((restore) => nested(frame, effect, restore))
+      const inside = Effect.uninterruptibleMask((restore) => nested(parent, effect, restore))
+      return parent.tx.foreign ? Effect.ensuring(inside, flushForeign(parent)) : inside
     }
-    const dialect = Context.get(context, CurrentDialect)
-    const foreign = Context.getOption(context, SqlClient.TransactionConnection)
-    if (foreign._tag === "Some") {
-      // A transaction opened by other code on this fiber: nest inside it instead of opening a second one.
-      const [conn, depth] = foreign.value
-      const adopted = makeTx(client ?? Context.unsafeGet(context, SqlClient.SqlClient), conn, dialect, {
-        isolation: undefined,
-        readOnly: undefined,
-        deferrable: undefined
-      })
-      const root = new Frame(adopted, undefined, depth, undefined)
-      adopted.stack.push(root)
-      const incompatible = checkNestedOptions(root, options)
-      if (incompatible !== undefined) return Effect.fail(incompatible)
-      return Effect.uninterruptibleMask((restore) =>
-        Effect.ensuring(
-          nested(root, effect, restore),
-          Effect.suspend(() => (adopted.pendingRelease === undefined ? Effect.void : flushPendingRelease(root))).pipe(
-            Effect.ignore
-          )
-        )
-      )
-    }
-    const sql = client ?? Context.unsafeGet(context, SqlClient.SqlClient)
-    const once = Effect.uninterruptibleMask((restore) => outermost(sql, dialect, options, effect, restore))
-    return options.retry === undefined || options.retry === false
-      ? once
-      : retrying(once, options.retry === true ? defaultRetrySchedule : options.retry)
+    return outermostRetrying(client ?? Context.unsafeGet(context, SqlClient.SqlClient), context, effect, options, false)
   }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>>
+
+const outermostRetrying = <A, E, R>(
+  client: SqlClient.SqlClient,
+  context: Context.Context<never>,
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options,
+  holding: boolean
+): Effect.Effect<A, E | TransactionError, R> => {
+  const dialect = Context.get(context, CurrentDialect)
+  const once = Effect.uninterruptibleMask((restore) => outermost(client, dialect, options, holding, effect, restore))
+  return options.retry === undefined || options.retry === false
+    ? once
+    : retrying(once, options.retry === true ? defaultRetrySchedule : options.retry)
+}
 
 /** @internal */
 export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = Schedule.exponential("10 millis").pipe(
@@ -903,4 +1039,301 @@ export const advisoryLock = (
     const frame = current as Frame
     return frame.tx.dialect.advisoryLock(frame.connection, checked, wait)
   })
+}
+
+// ---------------------------------------------------------------------------
+// hooks
+// ---------------------------------------------------------------------------
+
+/** An `afterCommit` or `afterRollback` effect, bound to the context it was registered in. */
+interface Hook {
+  readonly kind: "afterCommit" | "afterRollback"
+  readonly effect: Effect.Effect<unknown, unknown>
+}
+
+const logHookFailure = (failure: Transaction.HookFailure): Effect.Effect<void> =>
+  Effect.logError(failure.message, failure.cause)
+
+/** @internal */
+export const HookFailureHandler = Context.Reference<Transaction.HookFailureHandler>()(
+  "effect-transaction/Transaction/HookFailureHandler",
+  { defaultValue: (): ((failure: Transaction.HookFailure) => Effect.Effect<void>) => logHookFailure }
+)
+
+/** @internal */
+export const registerHook = <X, E, R>(
+  kind: Hook["kind"],
+  effect: Effect.Effect<X, E, R>
+): Effect.Effect<void, TransactionError, R | Transaction.Current> =>
+  Effect.withFiberRuntime((fiber) => {
+    const context = fiber.currentContext as Context.Context<R | Transaction.Current>
+    const frame = Context.get(context, Current) as Frame
+    if (!frame.open) return Effect.fail(closedTransactionError(frame, `An ${kind} hook was registered`))
+    if (frame.tx.foreign) {
+      return Effect.fail(
+        new TransactionError({
+          reason: "Unsupported",
+          message:
+            `An ${kind} hook was registered inside a transaction opened by the SqlClient's own withTransaction, ` +
+            "whose end this library cannot see, so the hook could never run. Provide Transaction.layer so that " +
+            "sql.withTransaction goes through this library, or open the transaction with Transaction.withTransaction."
+        })
+      )
+    }
+    // The hook runs after the transaction, outside it: with the caller's services, without the transaction's.
+    const outside = Context.omit(Current, SqlClient.TransactionConnection)(context)
+    frame.hooks.push({ kind, effect: Effect.provide(effect, outside) as Effect.Effect<unknown, unknown> })
+    return Effect.void
+  })
+
+/** Runs the hooks of the outermost block that are due after its outcome, in the order they were registered. */
+const runHooks = (frame: Frame): Effect.Effect<void> => {
+  const tx = frame.tx
+  if (tx.outcome === undefined || tx.outcome === "unknown") {
+    return Effect.logWarning(
+      `The hooks of transaction ${tx.id} did not run: the connection failed during COMMIT, so whether it ` +
+        "committed is unknown."
+    )
+  }
+  const kind = tx.outcome === "committed" ? "afterCommit" : "afterRollback"
+  const due = frame.hooks.filter((hook) => hook.kind === kind)
+  if (due.length === 0) return Effect.void
+  return Effect.flatMap(HookFailureHandler, (handler) =>
+    Effect.forEach(
+      due,
+      (hook, index) =>
+        Effect.catchAllCause(hook.effect, (cause) =>
+          Effect.catchAllCause(
+            handler({
+              kind,
+              transactionId: tx.id,
+              index,
+              cause,
+              message:
+                `${kind} hook ${index + 1} of ${due.length} of transaction ${tx.id} failed. The transaction ` +
+                `${kind === "afterCommit" ? "had committed and stays committed" : "had been rolled back"}; ` +
+                "the other hooks still ran. Handle the hook's errors inside it, or provide " +
+                "Transaction.HookFailureHandler to report them."
+            }),
+            (handlerCause) => Effect.logError("Transaction.HookFailureHandler failed", handlerCause)
+          )
+        ),
+      { discard: true }
+    )
+  )
+}
+
+// ---------------------------------------------------------------------------
+// propagation
+// ---------------------------------------------------------------------------
+
+/** @internal */
+export const defaultRequiresNewAcquireTimeout = Duration.seconds(5)
+
+/** @internal */
+export const requiresNew = <A, E, R>(
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options = {}
+): Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current> | SqlClient.SqlClient> =>
+  Effect.withFiberRuntime((fiber) => {
+    const all: Transaction.Options = { acquireTimeout: defaultRequiresNewAcquireTimeout, ...options }
+    const invalid = validateOptions(all)
+    if (invalid !== undefined) return Effect.fail(invalid)
+    const context = fiber.currentContext
+    const holding = Context.getOption(context, SqlClient.TransactionConnection)._tag === "Some"
+    const client = Context.unsafeGet(context, SqlClient.SqlClient)
+    // The new transaction must not see the caller's: its statements go to its own connection.
+    return Effect.mapInputContext(
+      outermostRetrying(client, context, effect, all, holding),
+      (outer: Context.Context<any>) => Context.omit(Current, SqlClient.TransactionConnection)(outer)
+    )
+  }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current> | SqlClient.SqlClient>
+
+// ---------------------------------------------------------------------------
+// accessors
+// ---------------------------------------------------------------------------
+
+/** @internal */
+export const currentOption: Effect.Effect<Option.Option<Transaction.Transaction>> = Effect.serviceOption(Current)
+
+/** @internal */
+export const isActive: Effect.Effect<boolean> = Effect.map(
+  currentOption,
+  (current) => current._tag === "Some" && current.value.isOpen
+)
+
+// ---------------------------------------------------------------------------
+// the manual handle
+// ---------------------------------------------------------------------------
+
+const endedError = (frame: Frame, what: string) =>
+  new TransactionError({
+    reason: "TransactionClosed",
+    message:
+      `${what} on ${frame.describe()}, which has already been committed or rolled back. ` +
+      "Call commit or rollback once, and run work before it; open a new one with Transaction.begin."
+  })
+
+/** @internal */
+export const begin = (
+  options: Transaction.BeginOptions = {}
+): Effect.Effect<Transaction.Handle, TransactionError, SqlClient.SqlClient | Scope.Scope> =>
+  Effect.withFiberRuntime((fiber) => {
+    const given = options as Transaction.Options
+    if (given.timeout !== undefined || (given.retry !== undefined && given.retry !== false)) {
+      return Effect.fail(
+        invalidOption(
+          "Transaction.begin takes no timeout or retry option: the handle cannot run your work again or cut it " +
+            "short. Use withTransaction for those, or bound the handle's scope with Effect.timeout."
+        )
+      )
+    }
+    const invalid = validateOptions(options)
+    if (invalid !== undefined) return Effect.fail(invalid)
+    const context = fiber.currentContext
+    const userScope = Context.unsafeGet(context, Scope.Scope)
+    const parent = parentOf(context, undefined)
+    if (parent !== undefined) {
+      const incompatible = checkNestedOptions(parent, options)
+      if (incompatible !== undefined) return Effect.fail(incompatible)
+      return Effect.uninterruptibleMask((restore) =>
+        Effect.flatMap(openNested(parent, restore), (root) => makeHandle(root, userScope, undefined))
+      )
+    }
+    const client = Context.unsafeGet(context, SqlClient.SqlClient)
+    return Effect.uninterruptibleMask((restore) =>
+      Effect.flatMap(Scope.make(), (connectionScope) =>
+        open(client, Context.get(context, CurrentDialect), options, connectionScope, false, restore).pipe(
+          Effect.onError((cause) => Scope.close(connectionScope, Exit.failCause(cause))),
+          Effect.flatMap((root) => makeHandle(root, userScope, connectionScope))
+        )
+      )
+    )
+  })
+
+const makeHandle = (
+  root: Frame,
+  userScope: Scope.Scope,
+  connectionScope: Scope.CloseableScope | undefined
+): Effect.Effect<Transaction.Handle> => {
+  /** The handle's own blocks: its root and the savepoints still open, outermost first. */
+  const frames: Array<Frame> = [root]
+  let ended = false
+  const live = () => !ended && root.open
+  const top = () => {
+    while (!frames[frames.length - 1]!.open && frames.length > 1) frames.pop()
+    return frames[frames.length - 1]!
+  }
+
+  const finish = (outcome: "commit" | "rollback"): Effect.Effect<void, TransactionError> =>
+    Effect.uninterruptibleMask((restore) => {
+      if (!live()) return Effect.fail(endedError(root, `${outcome} was called`))
+      ended = true
+      const exit = outcome === "commit" ? Exit.void : Exit.failCause(Cause.empty)
+      const finished =
+        connectionScope === undefined
+          ? root.tx.foreign
+            ? Effect.ensuring(finishNested(root, exit, "keep"), flushForeign(root.parent!))
+            : finishNested(root, exit, "keep")
+          : finishOutermost(root, exit, undefined, "keep").pipe(
+              Effect.onExit((result) => closeConnection(root.tx, connectionScope, result)),
+              Effect.exit,
+              Effect.flatMap((result) => (root.hooks.length === 0 ? result : Effect.zipRight(restore(runHooks(root)), result)))
+            )
+      // A rollback asked for ends in an empty failure: it is the expected outcome.
+      return Effect.catchAllCause(finished, (cause) => (Cause.isEmpty(cause) ? Effect.void : Effect.failCause(cause)))
+    })
+
+  const savepointOf = (savepoint: Transaction.Savepoint, what: string): Frame | TransactionError => {
+    const frame = savepoint as Frame
+    if (frame === root || !frames.includes(frame)) {
+      return invalidOption(`${what} was given a savepoint that does not belong to this handle; nothing was sent.`)
+    }
+    if (!frame.open || !live()) {
+      return new TransactionError({
+        reason: "TransactionClosed",
+        message:
+          `${what} was given savepoint ${frame.name}, which has already been released or rolled back, or whose ` +
+          "transaction has ended. Take a new savepoint."
+      })
+    }
+    return frame
+  }
+
+  const rollbackTo = (savepoint: Transaction.Savepoint): Effect.Effect<void, TransactionError> =>
+    Effect.uninterruptibleMask((restore) => {
+      const frame = savepointOf(savepoint, "rollbackTo")
+      if (frame instanceof TransactionError) return Effect.fail(frame)
+      const tx = frame.tx
+      return Effect.flatMap(restore(acquire(frame, "end")), () => {
+        if (!frame.open) {
+          release(tx)
+          return Effect.fail(endedError(frame, "rollbackTo was called"))
+        }
+        for (const block of tx.stack.splice(tx.stack.indexOf(frame) + 1)) {
+          block.open = false
+          block.abandoned = true
+        }
+        // A release still pending belongs to a deeper savepoint, which rolling back destroys.
+        tx.pendingRelease = undefined
+        return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rewind(frame.savepoint!)), {
+          onFailure: (cause) => {
+            frame.aborted = true
+            return controlError(
+              "SavepointFailed",
+              `ROLLBACK TO SAVEPOINT ${frame.name}`,
+              "The transaction cannot go on: roll it back.",
+              Cause.squash(cause)
+            )
+          },
+          onSuccess: () => {
+            frame.aborted = false
+            frame.hooks = []
+            return Effect.void
+          }
+        }).pipe(Effect.ensuring(releaseEffect(tx)))
+      })
+    })
+
+  const releaseSavepoint = (savepoint: Transaction.Savepoint): Effect.Effect<void, TransactionError> =>
+    Effect.uninterruptible(
+      Effect.suspend(() => {
+        const frame = savepointOf(savepoint, "release")
+        return frame instanceof TransactionError ? Effect.fail(frame) : finishNested(frame, Exit.void, "keep")
+      })
+    )
+
+  const handle: Transaction.Handle = {
+    transaction: root,
+    run: <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+      Effect.suspend(
+        (): Effect.Effect<A, E | TransactionError, R> =>
+          live() ? provideFrame(effect, top()) : Effect.fail(endedError(root, "run was called"))
+      ) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>>,
+    commit: finish("commit"),
+    rollback: finish("rollback"),
+    savepoint: Effect.uninterruptibleMask((restore) => {
+      if (!live()) return Effect.fail(endedError(root, "savepoint was called"))
+      return Effect.map(openNested(top(), restore), (frame): Transaction.Savepoint => {
+        frames.push(frame)
+        return frame
+      })
+    }),
+    rollbackTo,
+    release: releaseSavepoint
+  }
+  // Closing the scope without commit or rollback rolls back.
+  return Effect.as(
+    Scope.addFinalizer(
+      userScope,
+      Effect.suspend(() =>
+        live()
+          ? Effect.catchAllCause(finish("rollback"), (cause) =>
+              Effect.logError(`Rolling back ${root.describe()} when its scope closed failed`, cause)
+            )
+          : Effect.void
+      )
+    ),
+    handle
+  )
 }
