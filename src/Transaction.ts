@@ -277,27 +277,36 @@ export const fn: (
   name: string,
   options?: Options
 ) => {
-  <Eff extends YieldWrap<Effect.Effect<any, any, any>>, AEff, Args extends Array<any>>(
+  <Eff extends YieldWrap<Effect.Effect<unknown, unknown, unknown>>, AEff, Args extends Array<unknown>>(
     body: (...args: Args) => Generator<Eff, AEff, never>
   ): (
     ...args: Args
   ) => Effect.Effect<
     AEff,
-    | ([Eff] extends [never] ? never : [Eff] extends [YieldWrap<Effect.Effect<infer _A, infer E, infer _R>>] ? E : never)
+    | ([Eff] extends [never]
+        ? never
+        : [Eff] extends [YieldWrap<Effect.Effect<infer _A, infer E, infer _R>>]
+          ? E
+          : never)
     | TransactionError,
     | Exclude<
-        [Eff] extends [never] ? never : [Eff] extends [YieldWrap<Effect.Effect<infer _A, infer _E, infer R>>] ? R : never,
+        [Eff] extends [never]
+          ? never
+          : [Eff] extends [YieldWrap<Effect.Effect<infer _A, infer _E, infer R>>]
+            ? R
+            : never,
         Current
       >
     | SqlClient.SqlClient
   >
-  <Args extends Array<any>, A, E, R>(
+  <Args extends Array<unknown>, A, E, R>(
     body: (...args: Args) => Effect.Effect<A, E, R>
   ): (...args: Args) => Effect.Effect<A, E | TransactionError, Exclude<R, Current> | SqlClient.SqlClient>
 } = (name, options) => {
   const traced = Effect.fn(name)
-  return (body: (...args: Array<any>) => any) =>
-    traced(body, (effect: Effect.Effect<unknown, unknown, unknown>) => internal.withTransaction(effect, options))
+  // One implementation serves both overloads; their types are checked in test/types.
+  return ((body: (...args: Array<unknown>) => Effect.Effect<unknown, unknown, unknown>) =>
+    traced(body, (effect) => internal.withTransaction(effect, options))) as ReturnType<typeof fn>
 }
 
 /**
@@ -412,10 +421,8 @@ export interface HookFailureHandler {
  * )
  * ```
  */
-export const HookFailureHandler: Context.Reference<
-  HookFailureHandler,
-  (failure: HookFailure) => Effect.Effect<void>
-> = internal.HookFailureHandler
+export const HookFailureHandler: Context.Reference<HookFailureHandler, (failure: HookFailure) => Effect.Effect<void>> =
+  internal.HookFailureHandler
 
 /**
  * Runs `effect` once after the outermost transaction commits, outside it: the connection is back in the pool and
@@ -445,8 +452,9 @@ export const HookFailureHandler: Context.Reference<
  *   }).pipe(Transaction.withTransaction())
  * ```
  */
-export const afterCommit: <X, E, R>(effect: Effect.Effect<X, E, R>) => Effect.Effect<void, TransactionError, R | Current> =
-  (effect) => internal.registerHook("afterCommit", effect)
+export const afterCommit: <X, E, R>(
+  effect: Effect.Effect<X, E, R>
+) => Effect.Effect<void, TransactionError, R | Current> = (effect) => internal.registerHook("afterCommit", effect)
 
 /**
  * Runs `effect` once after the outermost transaction rolls back (whatever the reason: a failure, an interruption,

@@ -124,7 +124,7 @@ describe("Transaction.fn", () => {
     it.effect("invalid options fail every call with InvalidOption, before anything is sent", () =>
       Effect.gen(function* () {
         const bad = Transaction.fn("bad", { timeout: -1 })(function* () {
-          return 1
+          return yield* Effect.succeed(1)
         })
         const log = yield* Recorder.Recorder
         log.clear()

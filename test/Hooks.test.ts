@@ -2,14 +2,7 @@ import { SqlClient } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { Cause, Context, Deferred, Effect, Exit, Fiber, Layer, Logger, Schedule } from "effect"
 import { Transaction } from "effect-transaction"
-import {
-  committedIds,
-  insert,
-  items,
-  serializationFailure,
-  transactionError,
-  visibleIds
-} from "./utils/fixtures.js"
+import { committedIds, insert, items, serializationFailure, transactionError, visibleIds } from "./utils/fixtures.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 /** Collects what the hooks saw, in order. */
@@ -114,26 +107,28 @@ describe("afterCommit and afterRollback", () => {
       })
     )
 
-    it.effect("with retry, afterCommit runs for the committed attempt only; afterRollback after each rolled-back one", () =>
-      Effect.gen(function* () {
-        yield* items
-        const { entries, note } = journal()
-        let attempt = 0
-        yield* Effect.gen(function* () {
-          attempt++
-          const mine = attempt
-          yield* Transaction.afterCommit(note(`afterCommit of attempt ${mine}`))
-          yield* Transaction.afterRollback(note(`afterRollback of attempt ${mine}`))
-          yield* insert(mine)
-          if (mine < 3) yield* serializationFailure
-        }).pipe(Transaction.withTransaction({ retry: Schedule.recurs(5) }))
-        assert.deepStrictEqual(entries, [
-          "afterRollback of attempt 1",
-          "afterRollback of attempt 2",
-          "afterCommit of attempt 3"
-        ])
-        assert.deepStrictEqual(yield* committedIds, [3])
-      })
+    it.effect(
+      "with retry, afterCommit runs for the committed attempt only; afterRollback after each rolled-back one",
+      () =>
+        Effect.gen(function* () {
+          yield* items
+          const { entries, note } = journal()
+          let attempt = 0
+          yield* Effect.gen(function* () {
+            attempt++
+            const mine = attempt
+            yield* Transaction.afterCommit(note(`afterCommit of attempt ${mine}`))
+            yield* Transaction.afterRollback(note(`afterRollback of attempt ${mine}`))
+            yield* insert(mine)
+            if (mine < 3) yield* serializationFailure
+          }).pipe(Transaction.withTransaction({ retry: Schedule.recurs(5) }))
+          assert.deepStrictEqual(entries, [
+            "afterRollback of attempt 1",
+            "afterRollback of attempt 2",
+            "afterCommit of attempt 3"
+          ])
+          assert.deepStrictEqual(yield* committedIds, [3])
+        })
     )
 
     it.effect("a COMMIT that fails runs afterRollback, not afterCommit", () =>
@@ -180,7 +175,7 @@ describe("afterCommit and afterRollback", () => {
             ["afterCommit", 1]
           ]
         )
-        assert.strictEqual(Cause.squash(failures[0]!.cause).toString(), "Error: mail server down")
+        assert.strictEqual(String(Cause.squash(failures[0]!.cause)), "Error: mail server down")
         assert.isTrue(Cause.isDie(failures[1]!.cause))
         assert.match(failures[0]!.message, /stays committed/)
         assert.isNumber(failures[0]!.transactionId)
@@ -223,9 +218,7 @@ describe("afterCommit and afterRollback", () => {
         const { entries, note } = journal()
         const ended = yield* Deferred.make<void>()
         const late = yield* Effect.gen(function* () {
-          return yield* Effect.fork(
-            Effect.zipRight(Deferred.await(ended), Transaction.afterCommit(note("late hook")))
-          )
+          return yield* Effect.fork(Effect.zipRight(Deferred.await(ended), Transaction.afterCommit(note("late hook"))))
         }).pipe(Transaction.withTransaction())
         yield* Deferred.succeed(ended, undefined)
         const exit = yield* Fiber.await(late)

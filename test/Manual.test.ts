@@ -162,38 +162,40 @@ describe("Transaction.begin", () => {
       })
     )
 
-    it.effect("commit releases savepoints still open and keeps their work; release of an aborted one rolls it back", () =>
-      Effect.gen(function* () {
-        yield* items
-        yield* Effect.scoped(
-          Effect.gen(function* () {
-            const tx = yield* Transaction.begin()
-            yield* tx.savepoint
-            yield* tx.run(insert(1))
-            yield* tx.savepoint
-            yield* tx.run(insert(2))
-            yield* tx.commit
-          })
-        )
-        assert.deepStrictEqual(yield* committedIds, [1, 2])
+    it.effect(
+      "commit releases savepoints still open and keeps their work; release of an aborted one rolls it back",
+      () =>
+        Effect.gen(function* () {
+          yield* items
+          yield* Effect.scoped(
+            Effect.gen(function* () {
+              const tx = yield* Transaction.begin()
+              yield* tx.savepoint
+              yield* tx.run(insert(1))
+              yield* tx.savepoint
+              yield* tx.run(insert(2))
+              yield* tx.commit
+            })
+          )
+          assert.deepStrictEqual(yield* committedIds, [1, 2])
 
-        yield* items
-        yield* Effect.scoped(
-          Effect.gen(function* () {
-            const tx = yield* Transaction.begin()
-            yield* tx.run(insert(1))
-            const sp = yield* tx.savepoint
-            yield* tx.run(insert(2))
-            yield* Effect.ignore(tx.run(insert(2)))
-            const error = transactionError(yield* Effect.exit(tx.release(sp)))
-            assert.strictEqual(error.reason, "SavepointFailed")
-            assert.strictEqual(error.sqlState, "25P02")
-            yield* tx.run(insert(3))
-            yield* tx.commit
-          })
-        )
-        assert.deepStrictEqual(yield* committedIds, [1, 3])
-      })
+          yield* items
+          yield* Effect.scoped(
+            Effect.gen(function* () {
+              const tx = yield* Transaction.begin()
+              yield* tx.run(insert(1))
+              const sp = yield* tx.savepoint
+              yield* tx.run(insert(2))
+              yield* Effect.ignore(tx.run(insert(2)))
+              const error = transactionError(yield* Effect.exit(tx.release(sp)))
+              assert.strictEqual(error.reason, "SavepointFailed")
+              assert.strictEqual(error.sqlState, "25P02")
+              yield* tx.run(insert(3))
+              yield* tx.commit
+            })
+          )
+          assert.deepStrictEqual(yield* committedIds, [1, 3])
+        })
     )
 
     it.effect("a savepoint of another handle, or one already released, is refused", () =>

@@ -689,7 +689,9 @@ const open = (
 
 /** Gives the connection back to the pool, or destroys it when its state is unknown. */
 const closeConnection = (tx: Tx | undefined, scope: Scope.CloseableScope, exit: Exit.Exit<unknown, unknown>) =>
-  tx?.broken === true ? Effect.zipRight(tx.dialect.destroy(tx.conn), Scope.close(scope, exit)) : Scope.close(scope, exit)
+  tx?.broken === true
+    ? Effect.zipRight(tx.dialect.destroy(tx.conn), Scope.close(scope, exit))
+    : Scope.close(scope, exit)
 
 const outermost = <A, E, R>(
   client: SqlClient.SqlClient,
@@ -844,11 +846,16 @@ const parentOf = (context: Context.Context<never>, client: SqlClient.SqlClient |
   const foreign = Context.getOption(context, SqlClient.TransactionConnection)
   if (foreign._tag === "None") return undefined
   const [conn, depth] = foreign.value
-  const adopted = makeTx(client ?? Context.unsafeGet(context, SqlClient.SqlClient), conn, Context.get(context, CurrentDialect), {
-    isolation: undefined,
-    readOnly: undefined,
-    deferrable: undefined
-  })
+  const adopted = makeTx(
+    client ?? Context.unsafeGet(context, SqlClient.SqlClient),
+    conn,
+    Context.get(context, CurrentDialect),
+    {
+      isolation: undefined,
+      readOnly: undefined,
+      deferrable: undefined
+    }
+  )
   adopted.foreign = true
   const root = new Frame(adopted, undefined, depth, undefined)
   adopted.stack.push(root)
@@ -1143,9 +1150,9 @@ export const requiresNew = <A, E, R>(
     const holding = Context.getOption(context, SqlClient.TransactionConnection)._tag === "Some"
     const client = Context.unsafeGet(context, SqlClient.SqlClient)
     // The new transaction must not see the caller's: its statements go to its own connection.
-    return Effect.mapInputContext(
+    return Effect.provide(
       outermostRetrying(client, context, effect, all, holding),
-      (outer: Context.Context<any>) => Context.omit(Current, SqlClient.TransactionConnection)(outer)
+      Context.omit(Current, SqlClient.TransactionConnection)(context) as Context.Context<R>
     )
   }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current> | SqlClient.SqlClient>
 
@@ -1238,7 +1245,9 @@ const makeHandle = (
           : finishOutermost(root, exit, undefined, "keep").pipe(
               Effect.onExit((result) => closeConnection(root.tx, connectionScope, result)),
               Effect.exit,
-              Effect.flatMap((result) => (root.hooks.length === 0 ? result : Effect.zipRight(restore(runHooks(root)), result)))
+              Effect.flatMap((result) =>
+                root.hooks.length === 0 ? result : Effect.zipRight(restore(runHooks(root)), result)
+              )
             )
       // A rollback asked for ends in an empty failure: it is the expected outcome.
       return Effect.catchAllCause(finished, (cause) => (Cause.isEmpty(cause) ? Effect.void : Effect.failCause(cause)))

@@ -1,6 +1,6 @@
 // Type-level tests: `npm run typecheck` must accept this file, and every `@ts-expect-error` line must be an error.
 import type { SqlClient, SqlError } from "@effect/sql"
-import { Effect, Schedule } from "effect"
+import { Effect, Schedule, type Scope } from "effect"
 import { Transaction, type TransactionError } from "effect-transaction"
 
 type Equals<A, B> = (<T>() => T extends A ? 1 : 2) extends <T>() => T extends B ? 1 : 2 ? true : false
@@ -82,3 +82,77 @@ const lock = Transaction.tryAdvisoryLock("job")
 expect<Equals<Effect.Effect.Context<typeof lock>, Transaction.Current>>(true)
 // @ts-expect-error Current is not provided
 Effect.runPromise(Transaction.advisoryLock(1))
+
+// fn: the types of a generator body are inferred; Current is provided, SqlClient required.
+const findUser = Transaction.fn("findUser", { readOnly: true })(function* (id: number, verbose?: boolean) {
+  const tx = yield* Transaction.Current
+  const found = yield* body
+  if (found < 0) return yield* Effect.fail(new NotFound())
+  yield* needsRepo
+  return { id, verbose, depth: tx.depth, found }
+})
+expect<Equals<Parameters<typeof findUser>, [id: number, verbose?: boolean]>>(true)
+expect<
+  Equals<
+    ReturnType<typeof findUser>,
+    Effect.Effect<
+      { id: number; verbose: boolean | undefined; depth: number; found: number },
+      NotFound | SqlError.SqlError | TransactionError.TransactionError,
+      SqlClient.SqlClient | Repo
+    >
+  >
+>(true)
+// @ts-expect-error wrong argument type
+findUser("1")
+
+// fn with a body that returns an Effect.
+const total = Transaction.fn("total")((ids: ReadonlyArray<number>) => Effect.as(mustBeTransactional, ids.length))
+expect<Equals<ReturnType<typeof total>, Effect.Effect<number, TransactionError.TransactionError, SqlClient.SqlClient>>>(
+  true
+)
+
+// A body that yields nothing fallible.
+// biome-ignore lint/correctness/useYield: the point is a body without effects
+const noop = Transaction.fn("noop")(function* () {
+  return "done" as const
+})
+expect<Equals<ReturnType<typeof noop>, Effect.Effect<"done", TransactionError.TransactionError, SqlClient.SqlClient>>>(
+  true
+)
+
+// Current: its fields are read-only data.
+declare const current: Transaction.Transaction
+expect<Equals<typeof current.id, number>>(true)
+expect<Equals<typeof current.isolation, Transaction.IsolationLevel | undefined>>(true)
+// @ts-expect-error read-only
+current.depth = 2
+
+// Hooks need a transaction, keep the hook's requirements, and withTransaction removes Current only.
+declare const sendMail: Effect.Effect<void, Error, Repo>
+const hook = Transaction.afterCommit(sendMail)
+expect<Equals<typeof hook, Effect.Effect<void, TransactionError.TransactionError, Repo | Transaction.Current>>>(true)
+const hookInTransaction = Transaction.withTransaction(hook)
+expect<Equals<Effect.Effect.Context<typeof hookInTransaction>, Repo | SqlClient.SqlClient>>(true)
+// @ts-expect-error Current is not provided
+Effect.runPromise(Transaction.afterRollback(Effect.void))
+
+// requiresNew provides its own Current.
+const independent = Transaction.requiresNew(needsRepo, { acquireTimeout: "1 second" })
+expect<Equals<Effect.Effect.Context<typeof independent>, Repo | SqlClient.SqlClient>>(true)
+const independentLast = needsRepo.pipe(Transaction.requiresNew())
+expect<Equals<typeof independentLast, typeof independent>>(true)
+
+// begin: scoped; the handle's run provides Current.
+const manual = Effect.gen(function* () {
+  const tx = yield* Transaction.begin({ isolation: "serializable" })
+  const sp = yield* tx.savepoint
+  const inside = yield* tx.run(needsRepo)
+  yield* tx.rollbackTo(sp)
+  yield* tx.commit
+  return inside
+})
+expect<Equals<Effect.Effect.Context<typeof manual>, SqlClient.SqlClient | Scope.Scope | Repo>>(true)
+// @ts-expect-error begin takes no timeout
+Transaction.begin({ timeout: "1 second" })
+// @ts-expect-error begin takes no retry
+Transaction.begin({ retry: true })
