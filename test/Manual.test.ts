@@ -207,6 +207,7 @@ describe("Transaction.begin", () => {
             const sp = yield* a.savepoint
             assert.strictEqual(transactionError(yield* Effect.exit(b.release(sp))).reason, "InvalidOption")
             yield* a.release(sp)
+            yield* a.run(Effect.void)
             assert.strictEqual(transactionError(yield* Effect.exit(a.rollbackTo(sp))).reason, "TransactionClosed")
             yield* a.commit
             yield* b.commit

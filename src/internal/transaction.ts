@@ -1096,7 +1096,8 @@ export const registerHook = <X, E, R>(
 /** Runs the hooks of the outermost block that are due after its outcome, in the order they were registered. */
 const runHooks = (frame: Frame): Effect.Effect<void> => {
   const tx = frame.tx
-  if (tx.outcome === undefined || tx.outcome === "unknown") {
+  if (tx.outcome === undefined) return Effect.void
+  if (tx.outcome === "unknown") {
     return Effect.logWarning(
       `The hooks of transaction ${tx.id} did not run: the connection failed during COMMIT, so whether it ` +
         "committed is unknown."
@@ -1225,6 +1226,8 @@ const makeHandle = (
 ): Effect.Effect<Transaction.Handle> => {
   /** The handle's own blocks: its root and the savepoints still open, outermost first. */
   const frames: Array<Frame> = [root]
+  /** Every savepoint the handle has taken, open or not. */
+  const owned = new Set<Frame>()
   let ended = false
   const live = () => !ended && root.open
   const top = () => {
@@ -1255,7 +1258,7 @@ const makeHandle = (
 
   const savepointOf = (savepoint: Transaction.Savepoint, what: string): Frame | TransactionError => {
     const frame = savepoint as Frame
-    if (frame === root || !frames.includes(frame)) {
+    if (!owned.has(frame)) {
       return invalidOption(`${what} was given a savepoint that does not belong to this handle; nothing was sent.`)
     }
     if (!frame.open || !live()) {
@@ -1325,6 +1328,7 @@ const makeHandle = (
       if (!live()) return Effect.fail(endedError(root, "savepoint was called"))
       return Effect.map(openNested(top(), restore), (frame): Transaction.Savepoint => {
         frames.push(frame)
+        owned.add(frame)
         return frame
       })
     }),
