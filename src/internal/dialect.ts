@@ -28,6 +28,11 @@ export interface Dialect {
   readonly rollbackTo: (name: string) => string
   /** Rolls back to the savepoint and keeps it, so that work can go on inside it. */
   readonly rewind: (name: string) => string
+  /**
+   * Checks the deferred constraints now, as COMMIT would, without changing when they are checked afterwards (the
+   * check runs in the named savepoint, rolled back after it; the checks themselves stay pending).
+   */
+  readonly checkDeferred: (name: string) => string
   /** Joins control statements so that they travel in one round trip. */
   readonly batch: (statements: ReadonlyArray<string>) => string
   /** Runs COMMIT; succeeds with `false` when the database ended the transaction with a rollback instead. */
@@ -90,6 +95,8 @@ export const postgres: Dialect = {
   release: (name) => `RELEASE SAVEPOINT ${name}`,
   rollbackTo: (name) => `ROLLBACK TO SAVEPOINT ${name}; RELEASE SAVEPOINT ${name}`,
   rewind: (name) => `ROLLBACK TO SAVEPOINT ${name}`,
+  checkDeferred: (name) =>
+    `SAVEPOINT ${name}; SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK TO SAVEPOINT ${name}; RELEASE SAVEPOINT ${name}`,
   batch: (statements) => statements.join("; "),
   // PostgreSQL answers COMMIT of an aborted transaction with the command tag ROLLBACK and no error.
   commit: (conn) =>

@@ -64,6 +64,8 @@ interface Tx {
   foreign: boolean
   /** How the outermost block ended, once it has: which hooks run. */
   outcome: "committed" | "rolledBack" | "unknown" | undefined
+  /** A test transaction of TestTransaction: never committed; the code under test runs in blocks nested in it. */
+  sandbox: boolean
 }
 
 const makeTx = (
@@ -84,11 +86,13 @@ const makeTx = (
   pendingRelease: undefined,
   broken: false,
   foreign: false,
-  outcome: undefined
+  outcome: undefined,
+  sandbox: false
 })
 
 /** One block: the outermost transaction (depth 0) or a nested savepoint. */
-class Frame implements Transaction.Transaction {
+/** @internal */
+export class Frame implements Transaction.Transaction {
   open = true
   /** Closed because an outer block ended first; its savepoint was rolled back by that block. */
   abandoned = false
@@ -96,6 +100,18 @@ class Frame implements Transaction.Transaction {
   aborted = false
   /** Hooks registered in this block; handed to the parent when it succeeds, dropped when it rolls back. */
   hooks: Array<Hook> = []
+  /**
+   * In a test transaction: the block one test runs in. Its own statements run as if autocommitted, each in a
+   * savepoint, and a block opened in it is the code under test's outermost transaction (`declared` is set).
+   */
+  test = false
+  /** In a test transaction: the suite's root once seeded; only TestTransaction.isolate may open a block in it. */
+  sealed = false
+  /**
+   * In a test transaction: the block stands for an outermost transaction of the code under test, which asked for
+   * these characteristics. It is checked and runs its hooks at its end, its "virtual commit".
+   */
+  declared: Characteristics | undefined = undefined
   readonly connection: Connection
 
   constructor(
@@ -110,14 +126,21 @@ class Frame implements Transaction.Transaction {
   get id() {
     return this.tx.id
   }
+  /** What the transaction this block belongs to gives: the real one's, or, in a test, the code's declared ones. */
+  get characteristics(): Characteristics {
+    for (let frame: Frame | undefined = this; frame !== undefined; frame = frame.parent) {
+      if (frame.declared !== undefined) return frame.declared
+    }
+    return this.tx.characteristics
+  }
   get isolation() {
-    return this.tx.characteristics.isolation
+    return this.characteristics.isolation
   }
   get readOnly() {
-    return this.tx.characteristics.readOnly === true
+    return this.characteristics.readOnly === true
   }
   get deferrable() {
-    return this.tx.characteristics.deferrable === true
+    return this.characteristics.deferrable === true
   }
   get isOpen() {
     return this.open
@@ -139,10 +162,85 @@ class Frame implements Transaction.Transaction {
 const closedTransactionError = (frame: Frame, what: string) =>
   new TransactionError({
     reason: "TransactionClosed",
-    message:
-      `${what} on ${frame.describe()} after it ended. ` +
-      "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
-      "or run the work in its own transaction."
+    message: frame.tx.sandbox
+      ? `${what} on ${frame.describe()} after it ended, in a test under TestTransaction. A fiber forked by the ` +
+        "test (or by the code under test) outlived the block or the test it belongs to: join or interrupt it " +
+        "before the test returns. Effect.fork is interrupted with its parent; Effect.forkDaemon and Effect.forkIn " +
+        "are not."
+      : `${what} on ${frame.describe()} after it ended. ` +
+        "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
+        "or run the work in its own transaction."
+  })
+
+/** Errors of code that runs in a test transaction as it never would in production. */
+/** @internal */
+export const sandboxError = (message: string) => new TransactionError({ reason: "Unsupported", message })
+
+/** @internal */
+export const sealedError = () =>
+  sandboxError(
+    "TestTransaction: a statement or transaction ran in a suite built with TestTransaction.layer, but outside " +
+      "TestTransaction.isolate, so it would not be rolled back after its test and later tests would see its " +
+      "writes. Wrap each test's effect in TestTransaction.isolate; put shared set-up in the layer's seed option."
+  )
+
+const controlKeywords = /^(COMMIT|END|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION|ROLLBACK(?!\s+TO\b))\b/i
+
+/**
+ * The transaction control statement among the statements of `sql` (COMMIT, ROLLBACK but not ROLLBACK TO, BEGIN,
+ * ...), if any: those end the test transaction, so the code under test must not send them itself. Quoted text,
+ * dollar-quoted bodies and comments are skipped.
+ */
+export const transactionControlOf = (sql: string): string | undefined => {
+  let atStart = true
+  let i = 0
+  while (i < sql.length) {
+    const c = sql[i]!
+    if (/\s/.test(c)) {
+      i++
+    } else if (c === "-" && sql[i + 1] === "-") {
+      const end = sql.indexOf("\n", i)
+      i = end < 0 ? sql.length : end + 1
+    } else if (c === "/" && sql[i + 1] === "*") {
+      const end = sql.indexOf("*/", i + 2)
+      i = end < 0 ? sql.length : end + 2
+    } else if (c === ";") {
+      atStart = true
+      i++
+    } else {
+      if (atStart) {
+        const keyword = controlKeywords.exec(sql.slice(i, i + 40))
+        if (keyword !== null) return keyword[1]!.toUpperCase()
+        atStart = false
+      }
+      if (c === "'" || c === '"') {
+        const end = sql.indexOf(c, i + 1)
+        i = end < 0 ? sql.length : end + 1
+      } else if (c === "$") {
+        const tag = /^\$[A-Za-z_]*\$/.exec(sql.slice(i))
+        if (tag === null) {
+          i++
+        } else {
+          const end = sql.indexOf(tag[0], i + tag[0].length)
+          i = end < 0 ? sql.length : end + tag[0].length
+        }
+      } else {
+        i++
+      }
+    }
+  }
+  return undefined
+}
+
+const controlStatementError = (sql: string) =>
+  new SqlError({
+    message: "TestTransaction refused a transaction control statement",
+    cause: sandboxError(
+      `TestTransaction: the code under test sent ${JSON.stringify(sql.trim().slice(0, 60))} itself. In a test ` +
+        "that would end or break the test transaction and let its writes escape, so it was not sent. Use " +
+        "Transaction.withTransaction (or sql.withTransaction with Transaction.layer) instead of sending BEGIN, " +
+        "COMMIT or ROLLBACK yourself."
+    )
   })
 
 const closedError = (frame: Frame) =>
@@ -248,50 +346,129 @@ const runHeld = <A>(
   })
 }
 
+/**
+ * Runs a statement of a test's own block (holding the connection) in a savepoint of its own, as if autocommitted:
+ * if it fails, only it is undone and the test goes on. The savepoint's release travels with the next control
+ * statement.
+ */
+const runAtomic = <A>(
+  frame: Frame,
+  statement: () => Effect.Effect<A, SqlError>,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<A, SqlError> => {
+  const tx = frame.tx
+  const name = `etx_${++tx.savepoints}`
+  const pending = tx.pendingRelease
+  tx.pendingRelease = undefined
+  const open =
+    pending === undefined
+      ? tx.dialect.savepoint(name)
+      : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
+  return Effect.matchCauseEffect(Effect.zipRight(run(tx.conn, open), restore(statement())), {
+    onFailure: (cause) =>
+      (Cause.isInterrupted(cause) ? tx.dialect.settle(tx.conn) : Effect.void).pipe(
+        Effect.zipRight(undoStatement(frame, name)),
+        Effect.ensuring(releaseEffect(tx)),
+        Effect.zipRight(Effect.failCause(cause))
+      ),
+    onSuccess: (value) => {
+      tx.pendingRelease = name
+      release(tx)
+      return Effect.succeed(value)
+    }
+  })
+}
+
+const undoStatement = (frame: Frame, name: string) =>
+  Effect.catchAllCause(run(frame.tx.conn, frame.tx.dialect.rollbackTo(name)), () => markAborted(frame))
+
+/** Why a statement may not run in a test transaction at all, if it may not. */
+const refusedInSandbox = (frame: Frame, sql: string): SqlError | undefined => {
+  if (frame.sealed) return new SqlError({ message: "TestTransaction refused a statement", cause: sealedError() })
+  return transactionControlOf(sql) === undefined ? undefined : controlStatementError(sql)
+}
+
 /** Called by @effect/sql when the statement runs, so the checks see the block as it is at that moment. */
-const guarded = <A>(frame: Frame, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
+const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
   Effect.uninterruptibleMask((restore) => {
     const tx = frame.tx
     if (!frame.open) return Effect.fail(closedError(frame))
+    if (tx.sandbox) {
+      const refused = refusedInSandbox(frame, sql)
+      if (refused !== undefined) return Effect.fail(refused)
+    }
+    const held = frame.test ? runAtomic : runHeld
     if (!tx.busy && innermost(tx) === frame) {
       tx.busy = true
-      return runHeld(frame, run, restore)
+      return held(frame, run, restore)
     }
     return Effect.flatMap(restore(acquire(frame, "statement")), (ok) =>
-      ok ? runHeld(frame, run, restore) : Effect.fail(closedError(frame))
+      ok ? held(frame, run, restore) : Effect.fail(closedError(frame))
     )
+  })
+
+/** Takes the connection for a stream until the stream's scope closes; a test's own stream gets a savepoint. */
+const holdForStream = (frame: Frame, sql: string): Effect.Effect<void, SqlError, Scope.Scope> =>
+  Effect.uninterruptibleMask((restore) => {
+    const tx = frame.tx
+    const refused = tx.sandbox ? refusedInSandbox(frame, sql) : undefined
+    if (refused !== undefined) return Effect.fail(refused)
+    return Effect.flatMap(restore(acquire(frame, "statement")), (ok) => {
+      if (!ok) return Effect.fail(closedError(frame))
+      if (!frame.test) {
+        return Effect.zipRight(
+          Effect.addFinalizer(() => Effect.zipRight(tx.dialect.settle(tx.conn), releaseEffect(tx))),
+          tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(frame)
+        )
+      }
+      const name = `etx_${++tx.savepoints}`
+      const pending = tx.pendingRelease
+      tx.pendingRelease = undefined
+      const open =
+        pending === undefined
+          ? tx.dialect.savepoint(name)
+          : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
+      return Effect.zipRight(
+        Effect.addFinalizer((exit) =>
+          tx.dialect.settle(tx.conn).pipe(
+            Effect.zipRight(
+              Exit.isSuccess(exit)
+                ? Effect.sync(() => {
+                    tx.pendingRelease = name
+                  })
+                : undoStatement(frame, name)
+            ),
+            Effect.ensuring(releaseEffect(tx))
+          )
+        ),
+        Effect.tapError(run(tx.conn, open), () => markAborted(frame))
+      )
+    })
   })
 
 const guardConnection = (frame: Frame): Connection => {
   const conn = frame.tx.conn
   return {
-    execute: (sql, params, transformRows) => guarded(frame, () => conn.execute(sql, params, transformRows)),
-    executeRaw: (sql, params) => guarded(frame, () => conn.executeRaw(sql, params)),
-    executeValues: (sql, params) => guarded(frame, () => conn.executeValues(sql, params)),
+    execute: (sql, params, transformRows) => guarded(frame, sql, () => conn.execute(sql, params, transformRows)),
+    executeRaw: (sql, params) => guarded(frame, sql, () => conn.executeRaw(sql, params)),
+    executeValues: (sql, params) => guarded(frame, sql, () => conn.executeValues(sql, params)),
     executeUnprepared: (sql, params, transformRows) =>
-      guarded(frame, () => conn.executeUnprepared(sql, params, transformRows)),
+      guarded(frame, sql, () => conn.executeUnprepared(sql, params, transformRows)),
     // A stream holds the connection until it is closed.
     executeStream: (sql, params, transformRows) =>
       Stream.unwrapScoped(
-        Effect.uninterruptibleMask((restore) =>
-          Effect.flatMap(restore(acquire(frame, "statement")), (ok) =>
-            ok
-              ? Effect.addFinalizer(() =>
-                  Effect.zipRight(frame.tx.dialect.settle(frame.tx.conn), releaseEffect(frame.tx))
-                )
-              : Effect.fail(closedError(frame))
-          )
-        ).pipe(
-          Effect.zipRight(
-            Effect.suspend(() => (frame.tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(frame)))
-          ),
-          Effect.as(Stream.tapError(conn.executeStream(sql, params, transformRows), () => markAborted(frame)))
+        Effect.as(
+          holdForStream(frame, sql),
+          frame.test
+            ? conn.executeStream(sql, params, transformRows)
+            : Stream.tapError(conn.executeStream(sql, params, transformRows), () => markAborted(frame))
         )
       )
   }
 }
 
-const provideFrame = <A, E, R>(effect: Effect.Effect<A, E, R>, frame: Frame): Effect.Effect<A, E, R> =>
+/** @internal */
+export const provideFrame = <A, E, R>(effect: Effect.Effect<A, E, R>, frame: Frame): Effect.Effect<A, E, R> =>
   Effect.mapInputContext(effect, (context: Context.Context<R>) => {
     // One copy of the context instead of one per added service.
     const services = new Map(context.unsafeMap)
@@ -355,7 +532,7 @@ const conflict = (frame: Frame, message: string) =>
 
 /** A nested block runs inside the outer transaction: it may ask only for what that transaction already gives. */
 const checkNestedOptions = (parent: Frame, options: Transaction.Options): TransactionError | undefined => {
-  const outer = parent.tx.characteristics
+  const outer = parent.characteristics
   if (options.isolation !== undefined && rank(options.isolation) > rank(outer.isolation)) {
     return conflict(
       parent,
@@ -503,7 +680,8 @@ const timeoutError = (frame: Frame, timeoutMillis: number, when: string) =>
  * still open inside it are rolled back (`inner: "rollback"`, the block's body has returned without them) or kept
  * (`"keep"`, savepoints of the manual handle).
  */
-const finishOutermost = <A, E>(
+/** @internal */
+export const finishOutermost = <A, E>(
   frame: Frame,
   exit: Exit.Exit<A, E>,
   limit: { readonly deadline: number; readonly timeoutMillis: number } | undefined,
@@ -646,7 +824,8 @@ const reserve = (
 }
 
 /** Reserves a connection into `scope` and opens the outermost block on it. */
-const open = (
+/** @internal */
+export const open = (
   client: SqlClient.SqlClient,
   dialect: Dialect,
   options: Transaction.Options,
@@ -688,7 +867,8 @@ const open = (
 }
 
 /** Gives the connection back to the pool, or destroys it when its state is unknown. */
-const closeConnection = (tx: Tx | undefined, scope: Scope.CloseableScope, exit: Exit.Exit<unknown, unknown>) =>
+/** @internal */
+export const closeConnection = (tx: Tx | undefined, scope: Scope.CloseableScope, exit: Exit.Exit<unknown, unknown>) =>
   tx?.broken === true
     ? Effect.zipRight(tx.dialect.destroy(tx.conn), Scope.close(scope, exit))
     : Scope.close(scope, exit)
@@ -726,7 +906,9 @@ const outermost = <A, E, R>(
       // The hooks run once the connection is back in the pool.
       (ended) =>
         Effect.flatMap(Effect.exit(ended), (exit) =>
-          frame === undefined || frame.hooks.length === 0 ? exit : Effect.zipRight(restore(runHooks(frame)), exit)
+          frame === undefined || frame.hooks.length === 0
+            ? exit
+            : Effect.zipRight(restore(runHooks(frame, frame.tx.outcome)), exit)
         )
     )
   })
@@ -743,7 +925,8 @@ const abandonedResult = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effe
         })
       )
 
-const finishNested = <A, E>(
+/** @internal */
+export const finishNested = <A, E>(
   frame: Frame,
   exit: Exit.Exit<A, E>,
   inner: "rollback" | "keep" = "rollback"
@@ -756,6 +939,7 @@ const finishNested = <A, E>(
     tx.stack.pop()
     frame.open = false
     if (Exit.isSuccess(exit) && !frame.aborted) {
+      if (frame.declared !== undefined) return virtualCommit(frame, exit)
       // Releasing this savepoint releases any deeper one still pending.
       tx.pendingRelease = name
       frame.parent!.hooks.push(...frame.hooks)
@@ -764,20 +948,7 @@ const finishNested = <A, E>(
     }
     // Rolling back to this savepoint destroys any deeper one still pending.
     tx.pendingRelease = undefined
-    return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollbackTo(name)), {
-      onFailure: (cause) => {
-        frame.parent!.aborted = true
-        const error = controlError(
-          "SavepointFailed",
-          `ROLLBACK TO SAVEPOINT of ${frame.describe()}`,
-          "The outer transaction cannot go on and will be rolled back.",
-          Cause.squash(cause)
-        )
-        return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
-      },
-      onSuccess: (): Effect.Effect<A, E | TransactionError> =>
-        Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
-    }).pipe(Effect.ensuring(releaseEffect(tx)))
+    return rollbackNested(frame, exit)
   }
   return Effect.flatMap(acquire(frame, "end"), (): Effect.Effect<A, E | TransactionError> => {
     // An outer block may have ended while this one waited for the connection.
@@ -792,8 +963,59 @@ const finishNested = <A, E>(
   })
 }
 
+/** Rolls a nested block back to its savepoint, holding the connection, and hands the connection on. */
+const rollbackNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
+  const tx = frame.tx
+  return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollbackTo(frame.savepoint!)), {
+    onFailure: (cause) => {
+      frame.parent!.aborted = true
+      const error = controlError(
+        "SavepointFailed",
+        `ROLLBACK TO SAVEPOINT of ${frame.describe()}`,
+        "The outer transaction cannot go on and will be rolled back.",
+        Cause.squash(cause)
+      )
+      return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
+    },
+    onSuccess: (): Effect.Effect<A, E | TransactionError> =>
+      Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
+  }).pipe(Effect.ensuring(releaseEffect(tx)))
+}
+
+/**
+ * The end of the code under test's outermost transaction in a test transaction: what COMMIT would check (the
+ * deferred constraints) is checked now; if it fails, the block is rolled back and fails as COMMIT would have.
+ */
+const virtualCommit = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
+  const tx = frame.tx
+  const pending = tx.pendingRelease
+  tx.pendingRelease = undefined
+  const check = tx.dialect.checkDeferred(`etx_${++tx.savepoints}`)
+  const sql = pending === undefined ? check : tx.dialect.batch([tx.dialect.release(pending), check])
+  return Effect.matchCauseEffect(run(tx.conn, sql), {
+    onFailure: (cause) =>
+      rollbackNested(
+        frame,
+        Exit.fail(
+          controlError(
+            "CommitFailed",
+            `COMMIT of ${frame.describe()} (checked by TestTransaction where the code under test commits)`,
+            "It was rolled back; nothing of it was kept, as COMMIT would have done.",
+            Cause.squash(cause)
+          )
+        )
+      ),
+    onSuccess: (): Effect.Effect<A, E | TransactionError> => {
+      tx.pendingRelease = frame.savepoint
+      release(tx)
+      return exit
+    }
+  })
+}
+
 /** Opens a savepoint for a block nested in `parent`, once `parent` may use the connection. */
-const openNested = (
+/** @internal */
+export const openNested = (
   parent: Frame,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
 ): Effect.Effect<Frame, TransactionError> =>
@@ -880,6 +1102,10 @@ export const transact = <A, E, R>(
     const context = fiber.currentContext
     const parent = parentOf(context, client)
     if (parent !== undefined) {
+      if (parent.tx.sandbox) {
+        if (parent.sealed) return Effect.fail(sealedError())
+        if (parent.test) return virtualOutermost(parent, effect, options)
+      }
       const incompatible = checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
       const inside = Effect.uninterruptibleMask((restore) => nested(parent, effect, restore))
@@ -990,7 +1216,7 @@ class BodyFailure<E> {
 }
 
 /** @internal */
-export const wrapClient = (client: SqlClient.SqlClient): SqlClient.SqlClient => {
+export const wrapClient = (client: SqlClient.SqlClient, sandboxed = false): SqlClient.SqlClient => {
   const withTransaction = <R, E, A>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E | SqlError, R> =>
     Effect.mapError(
       transact(
@@ -1005,11 +1231,37 @@ export const wrapClient = (client: SqlClient.SqlClient): SqlClient.SqlClient => 
       return (client as unknown as (...args: Array<unknown>) => unknown).apply(this, args)
     } as unknown as SqlClient.SqlClient,
     client,
-    { withTransaction, withoutTransforms: () => wrapClient(client.withoutTransforms()) }
+    { withTransaction, withoutTransforms: () => wrapClient(client.withoutTransforms(), sandboxed) },
+    sandboxed ? { reserve: reserveInSandbox, [SandboxedClient]: true } : {}
   )
   ;(wrapped as { safe: SqlClient.SqlClient }).safe = wrapped
   return wrapped
 }
+
+/** Marks the SqlClient that TestTransaction hands to the code under test. */
+const SandboxedClient = Symbol.for("effect-transaction/TestTransaction/SandboxedClient")
+
+/** @internal */
+export const isSandboxed = (client: SqlClient.SqlClient): boolean => SandboxedClient in client
+
+/** In a test, `sql.reserve` hands out the test's connection, as the block that asks for it sees it. */
+const reserveInSandbox: Effect.Effect<Connection, SqlError, Scope.Scope> = Effect.withFiberRuntime((fiber) => {
+  const current = Context.getOption(fiber.currentContext, Current)
+  if (current._tag === "None") {
+    return Effect.fail(
+      new SqlError({
+        message: "TestTransaction refused sql.reserve",
+        cause: sandboxError(
+          "TestTransaction: sql.reserve was called outside a test. Run the code inside TestTransaction.isolate."
+        )
+      })
+    )
+  }
+  const frame = current.value as Frame
+  return frame.sealed
+    ? Effect.fail(new SqlError({ message: "TestTransaction refused sql.reserve", cause: sealedError() }))
+    : Effect.succeed(frame.connection)
+})
 
 /** @internal */
 export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient> = Layer.effect(
@@ -1055,7 +1307,9 @@ export const advisoryLock = (
 /** An `afterCommit` or `afterRollback` effect, bound to the context it was registered in. */
 interface Hook {
   readonly kind: "afterCommit" | "afterRollback"
-  readonly effect: Effect.Effect<unknown, unknown>
+  readonly effect: Effect.Effect<unknown, unknown, unknown>
+  /** The services of the place it was registered in, without the transaction's own. */
+  readonly context: Context.Context<unknown>
 }
 
 const logHookFailure = (failure: Transaction.HookFailure): Effect.Effect<void> =>
@@ -1066,6 +1320,19 @@ export const HookFailureHandler = Context.Reference<Transaction.HookFailureHandl
   "effect-transaction/Transaction/HookFailureHandler",
   { defaultValue: (): ((failure: Transaction.HookFailure) => Effect.Effect<void>) => logHookFailure }
 )
+
+/** A hook captured instead of run, by TestTransaction.captureHooks. */
+export interface CapturedHook {
+  readonly kind: "afterCommit" | "afterRollback"
+  readonly transactionId: number
+  readonly effect: Effect.Effect<unknown, unknown>
+}
+
+/** @internal Where TestTransaction.captureHooks collects hooks; absent, hooks run. */
+export class HookCapture extends Context.Tag("effect-transaction/TestTransaction/HookCapture")<
+  HookCapture,
+  Array<CapturedHook>
+>() {}
 
 /** @internal */
 export const registerHook = <X, E, R>(
@@ -1087,48 +1354,120 @@ export const registerHook = <X, E, R>(
         })
       )
     }
+    if (frame.sealed) return Effect.fail(sealedError())
+    if (frame.test) {
+      return Effect.fail(
+        sandboxError(
+          `TestTransaction: an ${kind} hook was registered by the test itself, outside any transaction of the ` +
+            "code under test, where it could never run. Register it inside Transaction.withTransaction (or " +
+            "Transaction.fn) in the test, as the code under test does."
+        )
+      )
+    }
     // The hook runs after the transaction, outside it: with the caller's services, without the transaction's.
-    const outside = Context.omit(Current, SqlClient.TransactionConnection)(context)
-    frame.hooks.push({ kind, effect: Effect.provide(effect, outside) as Effect.Effect<unknown, unknown> })
+    const outside = Context.omit(Current, SqlClient.TransactionConnection)(context) as Context.Context<unknown>
+    frame.hooks.push({ kind, effect, context: outside })
     return Effect.void
   })
 
-/** Runs the hooks of the outermost block that are due after its outcome, in the order they were registered. */
-const runHooks = (frame: Frame): Effect.Effect<void> => {
+/**
+ * Runs the hooks of an ended outermost block that are due after its outcome, in registration order. In a test
+ * transaction the block was a savepoint, and its hooks run in the block around it (the test's, or the caller's of
+ * requiresNew), or are captured by TestTransaction.captureHooks.
+ */
+const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => {
   const tx = frame.tx
-  if (tx.outcome === undefined) return Effect.void
-  if (tx.outcome === "unknown") {
+  if (outcome === undefined) return Effect.void
+  if (outcome === "unknown") {
     return Effect.logWarning(
       `The hooks of transaction ${tx.id} did not run: the connection failed during COMMIT, so whether it ` +
         "committed is unknown."
     )
   }
-  const kind = tx.outcome === "committed" ? "afterCommit" : "afterRollback"
+  const kind = outcome === "committed" ? "afterCommit" : "afterRollback"
   const due = frame.hooks.filter((hook) => hook.kind === kind)
   if (due.length === 0) return Effect.void
-  return Effect.flatMap(HookFailureHandler, (handler) =>
-    Effect.forEach(
-      due,
-      (hook, index) =>
-        Effect.catchAllCause(hook.effect, (cause) =>
-          Effect.catchAllCause(
-            handler({
-              kind,
-              transactionId: tx.id,
-              index,
-              cause,
-              message:
-                `${kind} hook ${index + 1} of ${due.length} of transaction ${tx.id} failed. The transaction ` +
-                `${kind === "afterCommit" ? "had committed and stays committed" : "had been rolled back"}; ` +
-                "the other hooks still ran. Handle the hook's errors inside it, or provide " +
-                "Transaction.HookFailureHandler to report them."
-            }),
-            (handlerCause) => Effect.logError("Transaction.HookFailureHandler failed", handlerCause)
-          )
-        ),
-      { discard: true }
+  const around = tx.sandbox ? frame.parent : undefined
+  const bound = (hook: Hook): Effect.Effect<unknown, unknown> =>
+    Effect.provide(
+      hook.effect,
+      around === undefined
+        ? hook.context
+        : Context.add(Context.add(hook.context, Current, around), SqlClient.TransactionConnection, [
+            around.connection,
+            around.depth
+          ] as const)
+    ) as Effect.Effect<unknown, unknown>
+  return Effect.flatMap(Effect.serviceOption(HookCapture), (capture) => {
+    if (tx.sandbox && capture._tag === "Some") {
+      for (const hook of due) capture.value.push({ kind, transactionId: tx.id, effect: bound(hook) })
+      return Effect.void
+    }
+    return Effect.flatMap(HookFailureHandler, (handler) =>
+      Effect.forEach(
+        due,
+        (hook, index) =>
+          Effect.catchAllCause(bound(hook), (cause) =>
+            Effect.catchAllCause(
+              handler({
+                kind,
+                transactionId: tx.id,
+                index,
+                cause,
+                message:
+                  `${kind} hook ${index + 1} of ${due.length} of transaction ${tx.id} failed. The transaction ` +
+                  `${kind === "afterCommit" ? "had committed and stays committed" : "had been rolled back"}; ` +
+                  "the other hooks still ran. Handle the hook's errors inside it, or provide " +
+                  "Transaction.HookFailureHandler to report them."
+              }),
+              (handlerCause) => Effect.logError("Transaction.HookFailureHandler failed", handlerCause)
+            )
+          ),
+        { discard: true }
+      )
     )
+  })
+}
+
+/**
+ * In a test transaction, the code under test's outermost transaction: a block nested in the test's block (or, for
+ * requiresNew, in the caller's block), which takes the options of an outermost transaction. Isolation, read-only,
+ * deferrable and the SET LOCAL timeouts cannot change inside the test transaction; they are recorded (Current
+ * reports them) and not applied. `timeout` and `retry` apply to the block.
+ */
+const virtualOutermost = <A, E, R>(
+  parent: Frame,
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options
+): Effect.Effect<A, E | TransactionError, R> => {
+  const declared: Characteristics = {
+    isolation: options.isolation,
+    readOnly: options.readOnly,
+    deferrable: options.deferrable
+  }
+  const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
+  const once = Effect.uninterruptibleMask((restore) =>
+    Effect.flatMap(openNested(parent, restore), (frame) => {
+      frame.declared = declared
+      const body = restore(provideFrame(effect, frame))
+      const limited =
+        timeoutMillis === undefined
+          ? body
+          : Effect.timeoutFail(body, {
+              duration: Duration.millis(timeoutMillis),
+              onTimeout: () => timeoutError(frame, timeoutMillis, "its body was still running")
+            })
+      const ended = Effect.flatMap(Effect.exit(limited), (exit) => finishNested(frame, exit))
+      return Effect.flatMap(Effect.exit(ended), (exit) =>
+        frame.hooks.length === 0
+          ? exit
+          : Effect.zipRight(restore(runHooks(frame, Exit.isSuccess(exit) ? "committed" : "rolledBack")), exit)
+      )
+    })
   )
+  return options.retry === undefined || options.retry === false
+    ? once
+    : retrying(once, options.retry === true ? defaultRetrySchedule : options.retry)
 }
 
 // ---------------------------------------------------------------------------
@@ -1148,6 +1487,13 @@ export const requiresNew = <A, E, R>(
     const invalid = validateOptions(all)
     if (invalid !== undefined) return Effect.fail(invalid)
     const context = fiber.currentContext
+    const current = Context.getOption(context, Current)
+    if (current._tag === "Some" && (current.value as Frame).tx.sandbox) {
+      // A test transaction has one connection: the new transaction is a block of the caller's, checked and
+      // running its hooks at its end, but undone if the caller's block rolls back.
+      const caller = current.value as Frame
+      return caller.sealed ? Effect.fail(sealedError()) : virtualOutermost(caller, effect, options)
+    }
     const holding = Context.getOption(context, SqlClient.TransactionConnection)._tag === "Some"
     const client = Context.unsafeGet(context, SqlClient.SqlClient)
     // The new transaction must not see the caller's: its statements go to its own connection.
@@ -1202,10 +1548,18 @@ export const begin = (
     const userScope = Context.unsafeGet(context, Scope.Scope)
     const parent = parentOf(context, undefined)
     if (parent !== undefined) {
-      const incompatible = checkNestedOptions(parent, options)
+      if (parent.sealed) return Effect.fail(sealedError())
+      // In a test, a handle opened by the test's own code stands for an outermost transaction.
+      const virtual = parent.test
+      const incompatible = virtual ? undefined : checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
       return Effect.uninterruptibleMask((restore) =>
-        Effect.flatMap(openNested(parent, restore), (root) => makeHandle(root, userScope, undefined))
+        Effect.flatMap(openNested(parent, restore), (root) => {
+          if (virtual) {
+            root.declared = { isolation: options.isolation, readOnly: options.readOnly, deferrable: options.deferrable }
+          }
+          return makeHandle(root, userScope, undefined)
+        })
       )
     }
     const client = Context.unsafeGet(context, SqlClient.SqlClient)
@@ -1244,12 +1598,24 @@ const makeHandle = (
         connectionScope === undefined
           ? root.tx.foreign
             ? Effect.ensuring(finishNested(root, exit, "keep"), flushForeign(root.parent!))
-            : finishNested(root, exit, "keep")
+            : root.declared === undefined
+              ? finishNested(root, exit, "keep")
+              : finishNested(root, exit, "keep").pipe(
+                  Effect.exit,
+                  Effect.flatMap((result) =>
+                    root.hooks.length === 0
+                      ? result
+                      : Effect.zipRight(
+                          restore(runHooks(root, Exit.isSuccess(result) ? "committed" : "rolledBack")),
+                          result
+                        )
+                  )
+                )
           : finishOutermost(root, exit, undefined, "keep").pipe(
               Effect.onExit((result) => closeConnection(root.tx, connectionScope, result)),
               Effect.exit,
               Effect.flatMap((result) =>
-                root.hooks.length === 0 ? result : Effect.zipRight(restore(runHooks(root)), result)
+                root.hooks.length === 0 ? result : Effect.zipRight(restore(runHooks(root, root.tx.outcome)), result)
               )
             )
       // A rollback asked for ends in an empty failure: it is the expected outcome.

@@ -1,0 +1,157 @@
+import * as SqlClient from "@effect/sql/SqlClient"
+import * as Cause from "effect/Cause"
+import * as Context from "effect/Context"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Layer from "effect/Layer"
+import * as Scope from "effect/Scope"
+import type * as TestTransaction from "../TestTransaction.js"
+import type * as Transaction from "../Transaction.js"
+import type { TransactionError } from "../TransactionError.js"
+import { CurrentDialect } from "./dialect.js"
+import {
+  type CapturedHook,
+  closeConnection,
+  Current,
+  type Frame,
+  finishNested,
+  finishOutermost,
+  HookCapture,
+  isSandboxed,
+  open,
+  openNested,
+  provideFrame,
+  sandboxError,
+  wrapClient
+} from "./transaction.js"
+
+const missingClient = (what: string) =>
+  Effect.dieMessage(
+    `${what} needs a SqlClient and none was provided. Provide your database layer to it, e.g. ` +
+      "Effect.provide(PgClient.layer({ ... })) around the test, or TestTransaction.layer().pipe(Layer.provide(PgLive))."
+  )
+
+/** Runs the effect in `frame`, with the SqlClient the code under test gets in a test. */
+const inTest = <A, E, R>(
+  effect: Effect.Effect<A, E, R>,
+  frame: Frame,
+  client: SqlClient.SqlClient
+): Effect.Effect<A, E, Exclude<R, Scope.Scope>> =>
+  provideFrame(Effect.provideService(Effect.scoped(effect), SqlClient.SqlClient, client), frame) as Effect.Effect<
+    A,
+    E,
+    Exclude<R, Scope.Scope>
+  >
+
+/** A rollback asked for ends in an empty failure; the body's own exit is what the test returns. */
+const afterRollback = <A, E>(
+  body: Exit.Exit<A, E>,
+  rolledBack: Exit.Exit<unknown, TransactionError>
+): Effect.Effect<A, E | TransactionError> => {
+  if (Exit.isSuccess(rolledBack) || Cause.isEmpty(rolledBack.cause)) return body
+  const failure = rolledBack.cause
+  return Exit.isFailure(body) ? Effect.failCause(Cause.sequential(body.cause, failure)) : Effect.failCause(failure)
+}
+
+const nothing = Exit.failCause(Cause.empty)
+
+/** @internal */
+export const isolate = <A, E, R>(
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.BeginOptions = {}
+): Effect.Effect<A, E | TransactionError, Exclude<R, Scope.Scope> | SqlClient.SqlClient> =>
+  Effect.withFiberRuntime((fiber) => {
+    const context = fiber.currentContext
+    const current = Context.getOption(context, Current)
+    if (current._tag === "Some") {
+      const frame = current.value as Frame
+      if (!frame.tx.sandbox || !frame.test) {
+        return Effect.fail(
+          sandboxError(
+            `TestTransaction.isolate was called inside ${frame.describe()}, which is not a test's own block. ` +
+              "Call it around the whole test: it opens the test's transaction, and the code under test runs in it."
+          )
+        )
+      }
+      // In a suite that shares one test transaction (or inside another isolate): a savepoint rolled back after.
+      const client = Context.unsafeGet(context, SqlClient.SqlClient)
+      return Effect.uninterruptibleMask((restore) =>
+        Effect.flatMap(openNested(frame, restore), (test) => {
+          test.test = true
+          return Effect.flatMap(Effect.exit(restore(inTest(effect, test, client))), (body) =>
+            Effect.flatMap(Effect.exit(finishNested(test, nothing)), (rolledBack) => afterRollback(body, rolledBack))
+          )
+        })
+      )
+    }
+    const client = Context.getOption(context, SqlClient.SqlClient)
+    if (client._tag === "None") return missingClient("TestTransaction.isolate")
+    const sandboxed = isSandboxed(client.value) ? client.value : wrapClient(client.value, true)
+    return Effect.uninterruptibleMask((restore) =>
+      Effect.flatMap(Scope.make(), (scope) =>
+        open(client.value, Context.get(context, CurrentDialect), options, scope, false, restore).pipe(
+          Effect.onError((cause) => Scope.close(scope, Exit.failCause(cause))),
+          Effect.flatMap((test) => {
+            test.tx.sandbox = true
+            test.test = true
+            return Effect.flatMap(Effect.exit(restore(inTest(effect, test, sandboxed))), (body) =>
+              finishOutermost(test, nothing, undefined).pipe(
+                Effect.onExit((exit) => closeConnection(test.tx, scope, exit)),
+                Effect.exit,
+                Effect.flatMap((rolledBack) => afterRollback(body, rolledBack))
+              )
+            )
+          })
+        )
+      )
+    )
+  }) as Effect.Effect<A, E | TransactionError, Exclude<R, Scope.Scope> | SqlClient.SqlClient>
+
+/** @internal */
+export const layer = <E = never, R = never>(
+  options: TestTransaction.LayerOptions<E, R> = {}
+): Layer.Layer<SqlClient.SqlClient, E | TransactionError, SqlClient.SqlClient | R> =>
+  Layer.scopedContext(
+    Effect.gen(function* () {
+      const found = yield* Effect.serviceOption(SqlClient.SqlClient)
+      if (found._tag === "None") return yield* missingClient("TestTransaction.layer")
+      const client = found.value
+      const sandboxed = isSandboxed(client) ? client : wrapClient(client, true)
+      const dialect = yield* CurrentDialect
+      const scope = yield* Scope.make()
+      const { seed, ...begin } = options
+      const root = yield* Effect.uninterruptibleMask((restore) =>
+        Effect.onError(open(client, dialect, begin, scope, false, restore), (cause) =>
+          Scope.close(scope, Exit.failCause(cause))
+        )
+      )
+      root.tx.sandbox = true
+      root.test = true
+      // Nothing the suite did is ever committed.
+      yield* Effect.addFinalizer(() =>
+        finishOutermost(root, nothing, undefined).pipe(
+          Effect.onExit((exit) => closeConnection(root.tx, scope, exit)),
+          Effect.ignore
+        )
+      )
+      if (seed !== undefined) {
+        yield* Effect.scoped(
+          provideFrame(Effect.provideService(seed, SqlClient.SqlClient, sandboxed), root)
+        ) as Effect.Effect<unknown, E, R>
+      }
+      root.sealed = true
+      return Context.make(SqlClient.SqlClient, sandboxed).pipe(
+        Context.add(Current, root as Transaction.Transaction),
+        Context.add(SqlClient.TransactionConnection, [root.connection, root.depth] as const)
+      ) as Context.Context<SqlClient.SqlClient>
+    })
+  )
+
+/** @internal */
+export const captureHooks = <A, E, R>(
+  effect: Effect.Effect<A, E, R>
+): Effect.Effect<readonly [A, ReadonlyArray<CapturedHook>], E, R> =>
+  Effect.suspend(() => {
+    const captured: Array<CapturedHook> = []
+    return Effect.map(Effect.provideService(effect, HookCapture, captured), (a) => [a, captured] as const)
+  })
