@@ -7,13 +7,11 @@
  */
 import type * as SqlClient from "@effect/sql/SqlClient"
 import type * as Effect from "effect/Effect"
-import { dual } from "effect/Function"
 import type * as Layer from "effect/Layer"
 import type * as Scope from "effect/Scope"
 import * as internal from "./internal/testTransaction.js"
 import type * as Transaction from "./Transaction.js"
 import type { TransactionError } from "./TransactionError.js"
-import { isEffect } from "effect/Effect"
 
 /**
  * Options of `layer`: how the suite's test transaction begins, and the data every test of the suite starts from.
@@ -93,20 +91,10 @@ export interface CapturedHook {
  * )
  * ```
  */
-export const isolate: {
-  (
-    options?: Transaction.BeginOptions
-  ): <A, E, R>(
-    self: Effect.Effect<A, E, R>
-  ) => Effect.Effect<A, E | TransactionError, Exclude<R, Scope.Scope> | SqlClient.SqlClient>
-  <A, E, R>(
-    self: Effect.Effect<A, E, R>,
-    options?: Transaction.BeginOptions
-  ): Effect.Effect<A, E | TransactionError, Exclude<R, Scope.Scope> | SqlClient.SqlClient>
-} = dual(
-  (args) => args.length > 0 && isEffect(args[0]),
-  <A, E, R>(self: Effect.Effect<A, E, R>, options?: Transaction.BeginOptions) => internal.isolate(self, options)
-)
+export const isolate: <A, E, R>(
+  self: Effect.Effect<A, E, R>,
+  options?: Transaction.BeginOptions
+) => Effect.Effect<A, E | TransactionError, Exclude<R, Scope.Scope> | SqlClient.SqlClient> = internal.isolate
 
 /**
  * A test transaction shared by a suite: built once (by `@effect/vitest`'s `layer` or `it.layer`), it reserves one

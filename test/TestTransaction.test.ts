@@ -1,0 +1,270 @@
+import { SqlClient } from "@effect/sql"
+import { assert, describe, it, layer } from "@effect/vitest"
+import { Cause, Context, Effect, Exit, Fiber, Layer, Option } from "effect"
+import { TestTransaction, Transaction } from "effect-transaction"
+import { transactionControlOf } from "../src/internal/transaction.js"
+import { committedIds, idleInTransaction, insert, transactionError, visibleIds } from "./utils/fixtures.js"
+import * as Recorder from "./utils/Recorder.js"
+import * as TestDatabase from "./utils/TestDatabase.js"
+
+const Db = Recorder.layer.pipe(Layer.provideMerge(TestDatabase.layer()))
+
+const backendPid = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+  Effect.map(sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`, (rows) => rows[0]!.pid)
+)
+
+/** The items table and a deferred foreign key, committed once, empty. */
+const schema = TestDatabase.setup(
+  "DROP TABLE IF EXISTS items, parents, children",
+  "CREATE TABLE items (id int PRIMARY KEY, label text)",
+  "CREATE TABLE parents (id int PRIMARY KEY)",
+  "CREATE TABLE children (id int PRIMARY KEY, parent int REFERENCES parents DEFERRABLE INITIALLY DEFERRED)"
+)
+
+const sqlError = <A, E>(exit: Exit.Exit<A, E>) => {
+  assert.isTrue(Exit.isFailure(exit), "expected a failure")
+  const failure = Exit.isFailure(exit) ? Cause.failureOption(exit.cause) : Option.none()
+  return Option.getOrThrow(failure) as { readonly _tag: string; readonly message: string; readonly cause: unknown }
+}
+
+describe("TestTransaction.isolate", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("the test's writes are visible inside it and never committed", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const seen = yield* Effect.gen(function* () {
+          yield* insert(1)
+          yield* insert(2).pipe(Transaction.withTransaction())
+          return yield* visibleIds
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(seen, [1, 2])
+        assert.deepStrictEqual(yield* committedIds, [])
+        assert.strictEqual(yield* idleInTransaction, 0)
+      })
+    )
+
+    it.effect("the code's transactions are savepoints of the test transaction; nothing is committed", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const log = yield* Recorder.Recorder
+        log.clear()
+        const depths = yield* Effect.gen(function* () {
+          const outer = yield* Effect.gen(function* () {
+            yield* insert(1)
+            const inner = yield* Effect.map(Transaction.Current, (tx) => tx.depth).pipe(Transaction.withTransaction())
+            return [(yield* Transaction.Current).depth, inner]
+          }).pipe(Transaction.withTransaction({ isolation: "serializable" }))
+          return outer
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(depths, [1, 2])
+        assert.deepStrictEqual(log.statements, [
+          "BEGIN",
+          "SAVEPOINT etx_1",
+          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "SAVEPOINT etx_2",
+          "RELEASE SAVEPOINT etx_2; SAVEPOINT etx_3; SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK TO SAVEPOINT etx_3; " +
+            "RELEASE SAVEPOINT etx_3",
+          "ROLLBACK"
+        ])
+        assert.isFalse(log.statements.some((statement) => /COMMIT/.test(statement)))
+      })
+    )
+
+    it.effect("a failing statement of the test does not end the test transaction", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const seen = yield* Effect.gen(function* () {
+          yield* insert(1)
+          const duplicate = yield* Effect.exit(insert(1))
+          assert.isTrue(Exit.isFailure(duplicate))
+          yield* insert(2)
+          return yield* visibleIds
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(seen, [1, 2])
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.effect("requiresNew, sql.reserve and forked fibers stay on the test's connection", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const pids = yield* Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          const test = yield* backendPid
+          const viaRequiresNew = yield* Effect.zipRight(insert(1), backendPid).pipe(
+            Transaction.requiresNew(),
+            Transaction.withTransaction()
+          )
+          const viaReserve = yield* Effect.scoped(
+            Effect.gen(function* () {
+              const conn = yield* sql.reserve
+              yield* conn.execute("INSERT INTO items (id, label) VALUES (2, 'reserved')", [], undefined)
+              const rows = yield* conn.execute("SELECT pg_backend_pid() AS pid", [], undefined)
+              return (rows[0] as { pid: number }).pid
+            })
+          )
+          const forked = yield* Fiber.join(yield* Effect.fork(Effect.zipRight(insert(3), backendPid)))
+          return { test, viaRequiresNew, viaReserve, forked, ids: yield* visibleIds }
+        }).pipe(TestTransaction.isolate)
+        assert.strictEqual(pids.viaRequiresNew, pids.test)
+        assert.strictEqual(pids.viaReserve, pids.test)
+        assert.strictEqual(pids.forked, pids.test)
+        assert.deepStrictEqual(pids.ids, [1, 2, 3])
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.effect("COMMIT, ROLLBACK and BEGIN sent by the code are refused with a message; the test goes on", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const messages = yield* Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          yield* insert(1)
+          const refused: Array<string> = []
+          for (const statement of ["COMMIT", "rollback", "BEGIN", "SELECT 1; END", "START TRANSACTION"]) {
+            const error = sqlError(yield* Effect.exit(sql.unsafe(statement)))
+            assert.strictEqual(error._tag, "SqlError")
+            refused.push((error.cause as Error).message)
+          }
+          // Not control statements: a DO block's BEGIN ... END, and ROLLBACK TO.
+          yield* sql.unsafe("DO $$ BEGIN PERFORM 1; END $$")
+          yield* insert(2)
+          return { refused, ids: yield* visibleIds }
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(messages.ids, [1, 2])
+        assert.strictEqual(messages.refused.length, 5)
+        assert.match(messages.refused[0]!, /sent "COMMIT" itself/)
+        assert.match(messages.refused[0]!, /Use Transaction\.withTransaction/)
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.effect("deferred constraints are checked where the code commits, and fail as COMMIT would", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const outcome = yield* Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          // A child whose parent never comes: COMMIT would fail.
+          const orphan = yield* Effect.exit(sql`INSERT INTO children VALUES (1, 42)`.pipe(Transaction.withTransaction()))
+          // A child inserted before its parent, in one transaction: COMMIT succeeds.
+          yield* Effect.zipRight(sql`INSERT INTO children VALUES (2, 7)`, sql`INSERT INTO parents VALUES (7)`).pipe(
+            Transaction.withTransaction()
+          )
+          // After the check, the constraint is deferred again: the next transaction may still insert out of order.
+          yield* Effect.zipRight(sql`INSERT INTO children VALUES (3, 8)`, sql`INSERT INTO parents VALUES (8)`).pipe(
+            Transaction.withTransaction()
+          )
+          const children = yield* sql<{ id: number }>`SELECT id FROM children ORDER BY id`
+          return { orphan, children: children.map((row) => row.id) }
+        }).pipe(TestTransaction.isolate)
+        const error = transactionError(outcome.orphan)
+        assert.strictEqual(error.reason, "CommitFailed")
+        assert.strictEqual(error.sqlState, "23503")
+        assert.match(error.message, /checked by TestTransaction where the code under test commits/)
+        assert.deepStrictEqual(outcome.children, [2, 3])
+      })
+    )
+
+    it.effect("afterCommit hooks run at the virtual commit, afterRollback at the virtual rollback, in the test", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const seen = yield* Effect.gen(function* () {
+          const seen: Array<string> = []
+          yield* Effect.gen(function* () {
+            yield* insert(1)
+            yield* Transaction.afterCommit(Effect.map(visibleIds, (ids) => seen.push(`afterCommit sees ${ids}`)))
+          }).pipe(Transaction.withTransaction())
+          yield* Effect.gen(function* () {
+            yield* insert(2)
+            yield* Transaction.afterRollback(Effect.map(visibleIds, (ids) => seen.push(`afterRollback sees ${ids}`)))
+            return yield* Effect.fail("no")
+          }).pipe(Transaction.withTransaction(), Effect.ignore)
+          return seen
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(seen, ["afterCommit sees 1", "afterRollback sees 1"])
+      })
+    )
+
+    it.effect("captureHooks collects the hooks instead of running them", () =>
+      Effect.gen(function* () {
+        const result = yield* Effect.gen(function* () {
+          let sent = 0
+          const send = Effect.sync(() => sent++)
+          const [value, hooks] = yield* TestTransaction.captureHooks(
+            Effect.zipRight(Transaction.afterCommit(send), Effect.succeed("done")).pipe(Transaction.withTransaction())
+          )
+          const before = sent
+          yield* Effect.forEach(hooks, (hook) => hook.effect)
+          return { value, kinds: hooks.map((hook) => hook.kind), before, after: sent }
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(result, { value: "done", kinds: ["afterCommit"], before: 0, after: 1 })
+      })
+    )
+
+    it.effect("isolation options of the code are recorded, not applied, and never fail", () =>
+      Effect.gen(function* () {
+        const seen = yield* Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          return yield* Effect.gen(function* () {
+            const nested = yield* Effect.map(Transaction.Current, (tx) => tx.isolation).pipe(
+              Transaction.withTransaction({ isolation: "serializable", readOnly: true })
+            )
+            const tx = yield* Transaction.Current
+            const [row] = yield* sql<{ level: string }>`SELECT current_setting('transaction_isolation') AS level`
+            return { declared: tx.isolation, readOnly: tx.readOnly, nested, actual: row!.level }
+          }).pipe(Transaction.withTransaction({ isolation: "serializable", readOnly: true, statementTimeout: "1 second" }))
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(seen, {
+          declared: "serializable",
+          readOnly: true,
+          nested: "serializable",
+          actual: "read committed"
+        })
+      })
+    )
+
+    it.effect("a fiber that outlives its test gets an error naming the fix, and writes nothing", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const leaked = yield* Effect.gen(function* () {
+          return yield* Effect.forkDaemon(Effect.zipRight(Effect.sleep("100 millis"), insert(9)))
+        }).pipe(TestTransaction.isolate)
+        const error = sqlError(yield* Fiber.await(leaked))
+        assert.match(String((error.cause as Error).message), /outlived the block or the test/)
+        assert.match(String((error.cause as Error).message), /Effect\.forkDaemon/)
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.effect("without a SqlClient, isolate dies with a message naming the fix", () =>
+      Effect.gen(function* () {
+        const unprovided = TestTransaction.isolate(Effect.void) as Effect.Effect<void, unknown, never>
+        const exit = yield* Effect.exit(Effect.mapInputContext(unprovided, (_: Context.Context<never>) => Context.empty()))
+        assert.isTrue(Exit.isFailure(exit) && Cause.isDie(exit.cause))
+        assert.match(Exit.isFailure(exit) ? Cause.pretty(exit.cause) : "", /needs a SqlClient/)
+      })
+    )
+  })
+})
+
+describe("transaction control statements", () => {
+  it("are found outside quotes, dollar-quoted bodies and comments", () => {
+    const cases: Array<[string, string | undefined]> = [
+      ["COMMIT", "COMMIT"],
+      ["  commit;", "COMMIT"],
+      ["SELECT 1; ROLLBACK", "ROLLBACK"],
+      ["ROLLBACK TO SAVEPOINT a; RELEASE SAVEPOINT a", undefined],
+      ["DO $$ BEGIN RAISE NOTICE 'x'; END $$", undefined],
+      ["CREATE FUNCTION f() RETURNS int AS $body$ BEGIN RETURN 1; END; $body$ LANGUAGE plpgsql", undefined],
+      ["SELECT ';commit'", undefined],
+      ["/* c */ BEGIN", "BEGIN"],
+      ["-- x\nEND", "END"],
+      ["start transaction", "START TRANSACTION"],
+      ["SELECT 1 AS commit", undefined],
+      ["PREPARE TRANSACTION 'x'", "PREPARE TRANSACTION"],
+      ["abort", "ABORT"],
+      ["ENDLESS", undefined]
+    ]
+    for (const [sql, expected] of cases) assert.strictEqual(transactionControlOf(sql), expected, sql)
+  })
+})
