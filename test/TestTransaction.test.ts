@@ -145,7 +145,9 @@ describe("TestTransaction.isolate", () => {
         const outcome = yield* Effect.gen(function* () {
           const sql = yield* SqlClient.SqlClient
           // A child whose parent never comes: COMMIT would fail.
-          const orphan = yield* Effect.exit(sql`INSERT INTO children VALUES (1, 42)`.pipe(Transaction.withTransaction()))
+          const orphan = yield* Effect.exit(
+            sql`INSERT INTO children VALUES (1, 42)`.pipe(Transaction.withTransaction())
+          )
           // A child inserted before its parent, in one transaction: COMMIT succeeds.
           yield* Effect.zipRight(sql`INSERT INTO children VALUES (2, 7)`, sql`INSERT INTO parents VALUES (7)`).pipe(
             Transaction.withTransaction()
@@ -212,7 +214,9 @@ describe("TestTransaction.isolate", () => {
             const tx = yield* Transaction.Current
             const [row] = yield* sql<{ level: string }>`SELECT current_setting('transaction_isolation') AS level`
             return { declared: tx.isolation, readOnly: tx.readOnly, nested, actual: row!.level }
-          }).pipe(Transaction.withTransaction({ isolation: "serializable", readOnly: true, statementTimeout: "1 second" }))
+          }).pipe(
+            Transaction.withTransaction({ isolation: "serializable", readOnly: true, statementTimeout: "1 second" })
+          )
         }).pipe(TestTransaction.isolate)
         assert.deepStrictEqual(seen, {
           declared: "serializable",
@@ -239,7 +243,9 @@ describe("TestTransaction.isolate", () => {
     it.effect("without a SqlClient, isolate dies with a message naming the fix", () =>
       Effect.gen(function* () {
         const unprovided = TestTransaction.isolate(Effect.void) as Effect.Effect<void, unknown, never>
-        const exit = yield* Effect.exit(Effect.mapInputContext(unprovided, (_: Context.Context<never>) => Context.empty()))
+        const exit = yield* Effect.exit(
+          Effect.mapInputContext(unprovided, (_: Context.Context<never>) => Context.empty())
+        )
         assert.isTrue(Exit.isFailure(exit) && Cause.isDie(exit.cause))
         assert.match(Exit.isFailure(exit) ? Cause.pretty(exit.cause) : "", /needs a SqlClient/)
       })

@@ -131,7 +131,11 @@ export const layer = <E = never, R = never>(
       yield* Effect.addFinalizer(() =>
         finishOutermost(root, nothing, undefined).pipe(
           Effect.onExit((exit) => closeConnection(root.tx, scope, exit)),
-          Effect.ignore
+          Effect.catchAllCause((cause) =>
+            Cause.isEmpty(cause)
+              ? Effect.void
+              : Effect.logError("TestTransaction: rolling back the suite's test transaction failed", cause)
+          )
         )
       )
       if (seed !== undefined) {
