@@ -9,7 +9,7 @@ export default defineConfig({
     ]
   },
   test: {
-    include: ["test/**/*.test.ts"],
+    include: ["test/**/*.test.ts", "examples/**/*.test.ts"],
     globalSetup: ["test/utils/globalSetup.ts"],
     pool: "forks",
     testTimeout: 60_000,
