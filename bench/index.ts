@@ -11,6 +11,7 @@ import { PgClient } from "@effect/sql-pg"
 import { Cause, Effect, Layer, Redacted } from "effect"
 import { EmbeddedPostgres, Transaction, TransactionError } from "effect-transaction"
 import pg from "pg"
+import { testIsolation } from "./isolation.js"
 
 const quick = process.argv.includes("--quick")
 /** `--case nested` runs only the cases whose name contains "nested". */
@@ -238,6 +239,11 @@ const main = Effect.gen(function* () {
   console.log(lines.join("\n"))
   yield* sql`DROP TABLE bench_items`
   if (only === undefined || "contended bank".includes(only)) yield* contendedBank
+  if (only === undefined || "test isolation".includes(only)) {
+    yield* testIsolation(
+      quick ? { tests: 100, templateTests: 5, rounds: 1 } : { tests: 1000, templateTests: 30, rounds: 3 }
+    )
+  }
 })
 
 // --- contended bank: retry on serialization failures -------------------------------------------------------------
