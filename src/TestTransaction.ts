@@ -21,10 +21,10 @@ import type { TransactionError } from "./TransactionError.js"
  * @example
  * ```ts
  * import { Effect } from "effect"
- * import { SqlClient } from "@effect/sql"
+ * import { SqlClient, type SqlError } from "@effect/sql"
  * import type { TestTransaction } from "effect-transaction"
  *
- * const options: TestTransaction.LayerOptions<never, SqlClient.SqlClient> = {
+ * const options: TestTransaction.LayerOptions<SqlError.SqlError> = {
  *   seed: Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO plans ${sql.insert({ name: "free" })}`)
  * }
  * ```

@@ -1,7 +1,7 @@
 // Type-level tests: `npm run typecheck` must accept this file, and every `@ts-expect-error` line must be an error.
 import type { SqlClient, SqlError } from "@effect/sql"
 import { Effect, Schedule, type Scope } from "effect"
-import { Transaction, type TransactionError } from "effect-transaction"
+import { TestTransaction, Transaction, type TransactionError } from "effect-transaction"
 
 type Equals<A, B> = (<T>() => T extends A ? 1 : 2) extends <T>() => T extends B ? 1 : 2 ? true : false
 const expect = <T extends true>(_: T) => _
@@ -156,3 +156,18 @@ expect<Equals<Effect.Effect.Context<typeof manual>, SqlClient.SqlClient | Scope.
 Transaction.begin({ timeout: "1 second" })
 // @ts-expect-error begin takes no retry
 Transaction.begin({ retry: true })
+
+// TestTransaction.isolate: removes Scope, adds SqlClient, keeps every other requirement (Current included: code
+// that must run in a transaction still needs withTransaction inside a test).
+declare const scopedTest: Effect.Effect<string, NotFound, Scope.Scope | Repo>
+const isolated = TestTransaction.isolate(scopedTest)
+expect<
+  Equals<
+    typeof isolated,
+    Effect.Effect<string, NotFound | TransactionError.TransactionError, Repo | SqlClient.SqlClient>
+  >
+>(true)
+const isolatedPiped = scopedTest.pipe(TestTransaction.isolate)
+expect<Equals<typeof isolatedPiped, typeof isolated>>(true)
+const stillNeedsCurrent = TestTransaction.isolate(mustBeTransactional)
+expect<Equals<Effect.Effect.Context<typeof stillNeedsCurrent>, Transaction.Current | SqlClient.SqlClient>>(true)
