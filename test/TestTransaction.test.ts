@@ -1,6 +1,6 @@
 import { SqlClient } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
-import { Cause, Context, Effect, Exit, Fiber, Layer, Option } from "effect"
+import { Cause, Chunk, Context, Effect, Exit, Fiber, Layer, Option, Stream } from "effect"
 import { TestTransaction, Transaction } from "effect-transaction"
 import { transactionControlOf } from "../src/internal/transaction.js"
 import { committedIds, idleInTransaction, insert, transactionError, visibleIds } from "./utils/fixtures.js"
@@ -237,6 +237,49 @@ describe("TestTransaction.isolate", () => {
         assert.match(String((error.cause as Error).message), /outlived the block or the test/)
         assert.match(String((error.cause as Error).message), /Effect\.forkDaemon/)
         assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.scoped("works with it.scoped: the test's scoped resources close inside its transaction", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const seen = yield* Effect.gen(function* () {
+          const tx = yield* Transaction.begin()
+          yield* tx.run(insert(1))
+          // The handle's scope closes with the test's, before the rollback: it rolls back its own block first.
+          yield* Effect.addFinalizer(() => Effect.ignore(insert(2)))
+          return yield* tx.run(visibleIds)
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(seen, [1])
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.effect("streams of the test run in a savepoint too: a failing one does not end the test transaction", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const seen = yield* Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          yield* insert(1)
+          yield* insert(2)
+          const streamed = yield* Stream.runCollect(sql<{ id: number }>`SELECT id FROM items ORDER BY id`.stream)
+          const failed = yield* Effect.exit(Stream.runDrain(sql`SELECT 1 / (id - 1) FROM items`.stream))
+          assert.isTrue(Exit.isFailure(failed))
+          yield* insert(3)
+          return { streamed: Chunk.toReadonlyArray(streamed).map((row) => row.id), ids: yield* visibleIds }
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(seen, { streamed: [1, 2], ids: [1, 2, 3] })
+      })
+    )
+
+    it.effect("without a SqlClient, the suite layer dies with a message naming the fix", () =>
+      Effect.gen(function* () {
+        const unprovided = TestTransaction.layer() as Layer.Layer<SqlClient.SqlClient>
+        const exit = yield* Effect.exit(
+          Effect.mapInputContext(Effect.scoped(Layer.build(unprovided)), (_: Context.Context<never>) => Context.empty())
+        )
+        assert.isTrue(Exit.isFailure(exit) && Cause.isDie(exit.cause))
+        assert.match(Exit.isFailure(exit) ? Cause.pretty(exit.cause) : "", /TestTransaction\.layer needs a SqlClient/)
       })
     )
 

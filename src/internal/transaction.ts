@@ -397,51 +397,85 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
       const refused = refusedInSandbox(frame, sql)
       if (refused !== undefined) return Effect.fail(refused)
     }
-    const held = frame.test ? runAtomic : runHeld
+    if (frame.test) {
+      // A test's own statement stands for an autocommitted one, which production would run on another pooled
+      // connection: it does not wait for the code under test's open transactions to end (that could deadlock
+      // where production cannot), only for the connection to be free, and runs inside whatever block is open.
+      if (!tx.busy) {
+        tx.busy = true
+        return runAtomic(frame, run, restore)
+      }
+      return Effect.flatMap(restore(acquire(frame, "end")), () => {
+        if (frame.open) return runAtomic(frame, run, restore)
+        release(tx)
+        return Effect.fail(closedError(frame))
+      })
+    }
     if (!tx.busy && innermost(tx) === frame) {
       tx.busy = true
-      return held(frame, run, restore)
+      return runHeld(frame, run, restore)
     }
     return Effect.flatMap(restore(acquire(frame, "statement")), (ok) =>
-      ok ? held(frame, run, restore) : Effect.fail(closedError(frame))
+      ok ? runHeld(frame, run, restore) : Effect.fail(closedError(frame))
     )
   })
 
-/** Takes the connection for a stream until the stream's scope closes; a test's own stream gets a savepoint. */
-const holdForStream = (frame: Frame, sql: string): Effect.Effect<void, SqlError, Scope.Scope> =>
+/**
+ * Takes the connection for a stream and returns what hands it back, which the stream runs after its own
+ * finalizers (@effect/sql-pg closes its cursor there, and a statement sent before that would take the answer the
+ * cursor waits for). A test's own stream runs in a savepoint, released or rolled back when it ends.
+ */
+const holdForStream = (
+  frame: Frame,
+  sql: string,
+  started: () => boolean
+): Effect.Effect<(exit: Exit.Exit<unknown, unknown>) => Effect.Effect<void>, SqlError, Scope.Scope> =>
   Effect.uninterruptibleMask((restore) => {
     const tx = frame.tx
     const refused = tx.sandbox ? refusedInSandbox(frame, sql) : undefined
     if (refused !== undefined) return Effect.fail(refused)
     return Effect.flatMap(restore(acquire(frame, "statement")), (ok) => {
       if (!ok) return Effect.fail(closedError(frame))
-      if (!frame.test) {
-        return Effect.zipRight(
-          Effect.addFinalizer(() => Effect.zipRight(tx.dialect.settle(tx.conn), releaseEffect(tx))),
-          tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(frame)
-        )
-      }
-      const name = `etx_${++tx.savepoints}`
-      const pending = tx.pendingRelease
-      tx.pendingRelease = undefined
-      const open =
-        pending === undefined
-          ? tx.dialect.savepoint(name)
-          : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
-      return Effect.zipRight(
-        Effect.addFinalizer((exit) =>
-          tx.dialect.settle(tx.conn).pipe(
+      let done = false
+      const name = frame.test ? `etx_${++tx.savepoints}` : undefined
+      const finish = (exit: Exit.Exit<unknown, unknown>): Effect.Effect<void> =>
+        Effect.suspend(() => {
+          if (done) return Effect.void
+          done = true
+          return tx.dialect.settle(tx.conn).pipe(
             Effect.zipRight(
-              Exit.isSuccess(exit)
-                ? Effect.sync(() => {
-                    tx.pendingRelease = name
-                  })
-                : undoStatement(frame, name)
+              name === undefined
+                ? Effect.void
+                : Exit.isSuccess(exit)
+                  ? Effect.sync(() => {
+                      tx.pendingRelease = name
+                    })
+                  : undoStatement(frame, name)
             ),
             Effect.ensuring(releaseEffect(tx))
           )
+        })
+      const pending = tx.pendingRelease
+      tx.pendingRelease = undefined
+      const prepare =
+        name === undefined
+          ? pending === undefined
+            ? Effect.void
+            : run(tx.conn, tx.dialect.release(pending))
+          : run(
+              tx.conn,
+              pending === undefined
+                ? tx.dialect.savepoint(name)
+                : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
+            )
+      // Hands the connection back if the stream never started (it was interrupted first).
+      const unstarted = Effect.addFinalizer((exit) => (started() ? Effect.void : finish(exit)))
+      return Effect.as(
+        Effect.zipRight(
+          unstarted,
+          Effect.tapError(prepare, () => markAborted(frame))
         ),
-        Effect.tapError(run(tx.conn, open), () => markAborted(frame))
+        finish
       )
     })
   })
@@ -454,16 +488,22 @@ const guardConnection = (frame: Frame): Connection => {
     executeValues: (sql, params) => guarded(frame, sql, () => conn.executeValues(sql, params)),
     executeUnprepared: (sql, params, transformRows) =>
       guarded(frame, sql, () => conn.executeUnprepared(sql, params, transformRows)),
-    // A stream holds the connection until it is closed.
+    // A stream holds the connection until it has ended.
     executeStream: (sql, params, transformRows) =>
-      Stream.unwrapScoped(
-        Effect.as(
-          holdForStream(frame, sql),
-          frame.test
-            ? conn.executeStream(sql, params, transformRows)
-            : Stream.tapError(conn.executeStream(sql, params, transformRows), () => markAborted(frame))
+      Stream.suspend(() => {
+        let started = false
+        const rows = Stream.suspend(() => {
+          started = true
+          const stream = conn.executeStream(sql, params, transformRows)
+          return frame.test ? stream : Stream.tapError(stream, () => markAborted(frame))
+        })
+        return Stream.unwrapScoped(
+          Effect.map(
+            holdForStream(frame, sql, () => started),
+            (finish) => Stream.ensuringWith(rows, finish)
+          )
         )
-      )
+      })
   }
 }
 
