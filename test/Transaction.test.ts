@@ -2,42 +2,12 @@ import { Migrator, SqlClient } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
+import { committedIds, idleInTransaction, insert, items, transactionError } from "./utils/fixtures.js"
 import * as Recorder from "./utils/Recorder.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 const Db = TestDatabase.layer()
 const Recorded = Recorder.layer.pipe(Layer.provideMerge(Db))
-
-const items = TestDatabase.setup("DROP TABLE IF EXISTS items", "CREATE TABLE items (id int PRIMARY KEY, label text)")
-
-const insert = (id: number, label = `item ${id}`) =>
-  Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO items (id, label) VALUES (${id}, ${label})`)
-
-/** The ids in `items`, as another session sees them (so only what was committed). */
-const committedIds = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
-  Effect.map(db.outside<{ id: number }>("SELECT id FROM items ORDER BY id"), (rows) => rows.map((row) => row.id))
-)
-
-const idleInTransaction = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
-  Effect.map(
-    db.outside<{ n: number }>(
-      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
-    ),
-    (rows) => rows[0]!.n
-  )
-)
-
-const transactionError = <A, E>(exit: Exit.Exit<A, E>): TransactionError.TransactionError => {
-  assert.isTrue(Exit.isFailure(exit), "expected a failure")
-  const failure = Exit.isFailure(exit) ? Cause.failureOption(exit.cause) : Option.none()
-  assert.isTrue(
-    Option.isSome(failure),
-    `expected a typed failure, got ${Exit.isFailure(exit) ? Cause.pretty(exit.cause) : ""}`
-  )
-  const error = Option.getOrThrow(failure)
-  assert.instanceOf(error, TransactionError.TransactionError)
-  return error as TransactionError.TransactionError
-}
 
 describe("Transaction.withTransaction", () => {
   layer(Db, { excludeTestServices: true })((it) => {

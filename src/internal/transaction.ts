@@ -346,6 +346,15 @@ const runHeld = <A>(
   })
 }
 
+/** `sql` preceded by the release still pending, if any, so that both travel in one round trip; clears it. */
+const withPendingRelease = (tx: Tx, sql: string | undefined): string | undefined => {
+  const pending = tx.pendingRelease
+  tx.pendingRelease = undefined
+  if (pending === undefined) return sql
+  const release = tx.dialect.release(pending)
+  return sql === undefined ? release : tx.dialect.batch([release, sql])
+}
+
 /**
  * Runs a statement of a test's own block (holding the connection) in a savepoint of its own, as if autocommitted:
  * if it fails, only it is undone and the test goes on. The savepoint's release travels with the next control
@@ -358,12 +367,7 @@ const runAtomic = <A>(
 ): Effect.Effect<A, SqlError> => {
   const tx = frame.tx
   const name = `etx_${++tx.savepoints}`
-  const pending = tx.pendingRelease
-  tx.pendingRelease = undefined
-  const open =
-    pending === undefined
-      ? tx.dialect.savepoint(name)
-      : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
+  const open = withPendingRelease(tx, tx.dialect.savepoint(name))!
   return Effect.matchCauseEffect(Effect.zipRight(run(tx.conn, open), restore(statement())), {
     onFailure: (cause) =>
       (Cause.isInterrupted(cause) ? tx.dialect.settle(tx.conn) : Effect.void).pipe(
@@ -455,19 +459,8 @@ const holdForStream = (
             Effect.ensuring(releaseEffect(tx))
           )
         })
-      const pending = tx.pendingRelease
-      tx.pendingRelease = undefined
-      const prepare =
-        name === undefined
-          ? pending === undefined
-            ? Effect.void
-            : run(tx.conn, tx.dialect.release(pending))
-          : run(
-              tx.conn,
-              pending === undefined
-                ? tx.dialect.savepoint(name)
-                : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
-            )
+      const sql = withPendingRelease(tx, name === undefined ? undefined : tx.dialect.savepoint(name))
+      const prepare = sql === undefined ? Effect.void : run(tx.conn, sql)
       // Hands the connection back if the stream never started (it was interrupted first).
       const unstarted = Effect.addFinalizer((exit) => (started() ? Effect.void : finish(exit)))
       return Effect.as(
@@ -1028,10 +1021,7 @@ const rollbackNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effec
  */
 const virtualCommit = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
-  const pending = tx.pendingRelease
-  tx.pendingRelease = undefined
-  const check = tx.dialect.checkDeferred(`etx_${++tx.savepoints}`)
-  const sql = pending === undefined ? check : tx.dialect.batch([tx.dialect.release(pending), check])
+  const sql = withPendingRelease(tx, tx.dialect.checkDeferred(`etx_${++tx.savepoints}`))!
   return Effect.matchCauseEffect(run(tx.conn, sql), {
     onFailure: (cause) =>
       rollbackNested(
@@ -1063,12 +1053,7 @@ export const openNested = (
     if (!ok) return Effect.fail(closedTransactionError(parent, "A nested block was started"))
     const tx = parent.tx
     const name = `etx_${++tx.savepoints}`
-    const pending = tx.pendingRelease
-    tx.pendingRelease = undefined
-    const sql =
-      pending === undefined
-        ? tx.dialect.savepoint(name)
-        : tx.dialect.batch([tx.dialect.release(pending), tx.dialect.savepoint(name)])
+    const sql = withPendingRelease(tx, tx.dialect.savepoint(name))!
     return Effect.matchCauseEffect(run(tx.conn, sql), {
       onFailure: (cause) => {
         parent.aborted = true
