@@ -283,6 +283,24 @@ describe("TestTransaction.isolate", () => {
       })
     )
 
+    it.effect("the test transaction's options are validated and applied; inside a suite they are refused", () =>
+      Effect.gen(function* () {
+        const level = yield* Effect.flatMap(
+          SqlClient.SqlClient,
+          (sql) => sql<{ level: string }>`SELECT current_setting('transaction_isolation') AS level`
+        ).pipe((test) => TestTransaction.isolate(test, { isolation: "serializable" }))
+        assert.strictEqual(level[0]!.level, "serializable")
+        const invalid = yield* Effect.exit(
+          TestTransaction.isolate(Effect.void, { isolation: "snapshot" } as unknown as Transaction.BeginOptions)
+        )
+        assert.strictEqual(transactionError(invalid).reason, "InvalidOption")
+        const nested = yield* Effect.exit(
+          TestTransaction.isolate(TestTransaction.isolate(Effect.void, { readOnly: true }))
+        )
+        assert.strictEqual(transactionError(nested).reason, "OptionConflict")
+      })
+    )
+
     it.effect("without a SqlClient, isolate dies with a message naming the fix", () =>
       Effect.gen(function* () {
         const unprovided = TestTransaction.isolate(Effect.void) as Effect.Effect<void, unknown, never>

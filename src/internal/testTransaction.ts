@@ -7,10 +7,11 @@ import * as Layer from "effect/Layer"
 import * as Scope from "effect/Scope"
 import type * as TestTransaction from "../TestTransaction.js"
 import type * as Transaction from "../Transaction.js"
-import type { TransactionError } from "../TransactionError.js"
+import { TransactionError } from "../TransactionError.js"
 import { CurrentDialect } from "./dialect.js"
 import {
   type CapturedHook,
+  checkBeginOptions,
   closeConnection,
   Current,
   type Frame,
@@ -61,10 +62,23 @@ export const isolate = <A, E, R>(
   options: Transaction.BeginOptions = {}
 ): Effect.Effect<A, E | TransactionError, Exclude<R, Scope.Scope> | SqlClient.SqlClient> =>
   Effect.withFiberRuntime((fiber) => {
+    const invalid = checkBeginOptions(options, "TestTransaction.isolate")
+    if (invalid !== undefined) return Effect.fail(invalid)
     const context = fiber.currentContext
     const current = Context.getOption(context, Current)
     if (current._tag === "Some") {
       const frame = current.value as Frame
+      if (Object.values(options).some((value) => value !== undefined)) {
+        return Effect.fail(
+          new TransactionError({
+            reason: "OptionConflict",
+            message:
+              "TestTransaction.isolate was given options, but here the test runs in a savepoint of a transaction " +
+              "that has begun already (the suite's, from TestTransaction.layer). Give the options to " +
+              "TestTransaction.layer instead."
+          })
+        )
+      }
       if (!frame.tx.sandbox || !frame.test) {
         return Effect.fail(
           sandboxError(
@@ -74,7 +88,8 @@ export const isolate = <A, E, R>(
         )
       }
       // In a suite that shares one test transaction (or inside another isolate): a savepoint rolled back after.
-      const client = Context.unsafeGet(context, SqlClient.SqlClient)
+      const found = Context.unsafeGet(context, SqlClient.SqlClient)
+      const client = isSandboxed(found) ? found : wrapClient(found, true)
       return Effect.uninterruptibleMask((restore) =>
         Effect.flatMap(openNested(frame, restore), (test) => {
           test.test = true
@@ -120,6 +135,8 @@ export const layer = <E = never, R = never>(
       const dialect = yield* CurrentDialect
       const scope = yield* Scope.make()
       const { seed, ...begin } = options
+      const invalid = checkBeginOptions(begin, "TestTransaction.layer")
+      if (invalid !== undefined) return yield* Effect.fail(invalid)
       const root = yield* Effect.uninterruptibleMask((restore) =>
         Effect.onError(open(client, dialect, begin, scope, false, restore), (cause) =>
           Scope.close(scope, Exit.failCause(cause))

@@ -1553,21 +1553,24 @@ const endedError = (frame: Frame, what: string) =>
       "Call commit or rollback once, and run work before it; open a new one with Transaction.begin."
   })
 
+/** @internal The options of a transaction that does not run one effect: no timeout, no retry. */
+export const checkBeginOptions = (options: Transaction.BeginOptions, who: string): TransactionError | undefined => {
+  const given = options as Transaction.Options
+  if (given.timeout !== undefined || (given.retry !== undefined && given.retry !== false)) {
+    return invalidOption(
+      `${who} takes no timeout or retry option: it cannot run your work again or cut it short. Use ` +
+        "withTransaction for those, or bound the scope with Effect.timeout."
+    )
+  }
+  return validateOptions(options)
+}
+
 /** @internal */
 export const begin = (
   options: Transaction.BeginOptions = {}
 ): Effect.Effect<Transaction.Handle, TransactionError, SqlClient.SqlClient | Scope.Scope> =>
   Effect.withFiberRuntime((fiber) => {
-    const given = options as Transaction.Options
-    if (given.timeout !== undefined || (given.retry !== undefined && given.retry !== false)) {
-      return Effect.fail(
-        invalidOption(
-          "Transaction.begin takes no timeout or retry option: the handle cannot run your work again or cut it " +
-            "short. Use withTransaction for those, or bound the handle's scope with Effect.timeout."
-        )
-      )
-    }
-    const invalid = validateOptions(options)
+    const invalid = checkBeginOptions(options, "Transaction.begin")
     if (invalid !== undefined) return Effect.fail(invalid)
     const context = fiber.currentContext
     const userScope = Context.unsafeGet(context, Scope.Scope)
