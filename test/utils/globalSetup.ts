@@ -14,6 +14,41 @@ declare module "vitest" {
   }
 }
 
+const isAlive = (pid: number) => {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM"
+  }
+}
+
+/**
+ * Drops the databases of earlier runs on this machine that were killed before their teardown: named after a test
+ * process that no longer exists, with nobody connected. Only on a server of this machine, where the pids mean
+ * something.
+ */
+const dropAbandoned = async (adminUrl: string) => {
+  const host = new URL(adminUrl).hostname
+  if (!["127.0.0.1", "localhost", "::1", "[::1]", ""].includes(host)) return
+  const client = new pg.Client({ connectionString: adminUrl })
+  client.on("error", () => undefined)
+  await client.connect()
+  try {
+    const { rows } = await client.query<{ datname: string }>(
+      `SELECT datname FROM pg_database d WHERE datname ~ '^etx_test_[0-9]+_'
+         AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)`
+    )
+    const abandoned = rows.filter(({ datname }) => !isAlive(Number(/^etx_test_(\d+)_/.exec(datname)![1])))
+    for (const { datname } of abandoned) {
+      await client.query(`DROP DATABASE IF EXISTS ${client.escapeIdentifier(datname)} WITH (FORCE)`)
+    }
+    if (abandoned.length > 0) console.log(`[tests] dropped ${abandoned.length} database(s) of killed runs`)
+  } finally {
+    await client.end()
+  }
+}
+
 /** One server for the whole run: DATABASE_URL when set, otherwise an embedded PostgreSQL. */
 export default async function setup(project: TestProject) {
   const runPrefix = `etx_test_${process.pid}_`
@@ -25,6 +60,7 @@ export default async function setup(project: TestProject) {
     console.log(`[tests] embedded PostgreSQL on port ${server.port} (set DATABASE_URL to use another server)`)
   } else {
     console.log("[tests] PostgreSQL from DATABASE_URL")
+    await dropAbandoned(adminUrl)
   }
   project.provide("adminUrl", adminUrl)
   project.provide("runPrefix", runPrefix)
