@@ -3,6 +3,7 @@ import { assert, describe, layer } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option } from "effect"
 import { Transaction, type TransactionError } from "effect-transaction"
 import * as Recorder from "./utils/Recorder.js"
+import { committedIds } from "./utils/fixtures.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 // node-postgres warns (once per process) when a query is sent while another is running on the same client.
@@ -21,10 +22,6 @@ const insert = (id: number, owner = "") =>
   Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO items (id, owner) VALUES (${id}, ${owner})`)
 
 const range = (from: number, to: number) => Array.from({ length: to - from + 1 }, (_, i) => from + i)
-
-const committedIds = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
-  Effect.map(db.outside<{ id: number }>("SELECT id FROM items ORDER BY id"), (rows) => rows.map((row) => row.id))
-)
 
 const sessions = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
   db.outside<{ pid: number; state: string }>(

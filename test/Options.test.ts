@@ -2,6 +2,7 @@ import { SqlClient, SqlError } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { Cause, Deferred, Duration, Effect, Exit, Fiber, Layer, Option, Schedule } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
+import { committedIds, insert, items, transactionError } from "./utils/fixtures.js"
 import * as Recorder from "./utils/Recorder.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
@@ -11,22 +12,10 @@ const Recorded = Recorder.layer.pipe(Layer.provideMerge(Db))
 const failureOf = <A, E>(exit: Exit.Exit<A, E>): unknown =>
   Exit.isFailure(exit) ? Option.getOrUndefined(Cause.failureOption(exit.cause)) : undefined
 
-const transactionError = <A, E>(exit: Exit.Exit<A, E>) => {
-  const failure = failureOf(exit)
-  assert.instanceOf(failure, TransactionError.TransactionError, `expected a TransactionError, got ${String(failure)}`)
-  return failure as TransactionError.TransactionError
-}
-
 const show = (setting: string) =>
   Effect.flatMap(SqlClient.SqlClient, (sql) =>
     Effect.map(sql.unsafe<Record<string, string>>(`SHOW ${setting}`), (rows) => Object.values(rows[0]!)[0])
   )
-
-const items = TestDatabase.setup("DROP TABLE IF EXISTS items", "CREATE TABLE items (id int PRIMARY KEY)")
-const insert = (id: number) => Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO items VALUES (${id})`)
-const committedIds = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
-  Effect.map(db.outside<{ id: number }>("SELECT id FROM items ORDER BY id"), (rows) => rows.map((row) => row.id))
-)
 
 describe("timeouts", () => {
   layer(Recorded, { excludeTestServices: true })((it) => {
