@@ -457,9 +457,11 @@ export const afterCommit: <X, E, R>(
 ) => Effect.Effect<void, TransactionError, R | Current> = (effect) => internal.registerHook("afterCommit", effect)
 
 /**
- * Runs `effect` once after the outermost transaction rolls back (whatever the reason: a failure, an interruption,
- * a timeout, a failed COMMIT), outside it. With `retry`, it runs after each attempt that rolled back. Otherwise as
- * `afterCommit`: dropped with a nested block that rolls back, failures go to `HookFailureHandler`.
+ * Runs `effect` once after the outermost transaction rolls back (its body failed, its `timeout` ran out, its
+ * COMMIT failed), outside it. With `retry`, only the last attempt's run, when no attempt committed; attempts that
+ * were retried keep no hooks. An interruption of the fiber that runs the transaction from outside rolls it back and
+ * runs no hooks. Otherwise as `afterCommit`: dropped with a nested block that rolls back, failures go to
+ * `HookFailureHandler`.
  *
  * @since 0.1.0
  * @category combinators

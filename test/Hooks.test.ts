@@ -107,28 +107,59 @@ describe("afterCommit and afterRollback", () => {
       })
     )
 
-    it.effect(
-      "with retry, afterCommit runs for the committed attempt only; afterRollback after each rolled-back one",
-      () =>
-        Effect.gen(function* () {
-          yield* items
-          const { entries, note } = journal()
-          let attempt = 0
-          yield* Effect.gen(function* () {
-            attempt++
-            const mine = attempt
-            yield* Transaction.afterCommit(note(`afterCommit of attempt ${mine}`))
-            yield* Transaction.afterRollback(note(`afterRollback of attempt ${mine}`))
-            yield* insert(mine)
-            if (mine < 3) yield* serializationFailure
-          }).pipe(Transaction.withTransaction({ retry: Schedule.recurs(5) }))
-          assert.deepStrictEqual(entries, [
-            "afterRollback of attempt 1",
-            "afterRollback of attempt 2",
-            "afterCommit of attempt 3"
-          ])
-          assert.deepStrictEqual(yield* committedIds, [3])
-        })
+    it.effect("with retry, only the attempt that commits runs its hooks; retried attempts keep none", () =>
+      Effect.gen(function* () {
+        yield* items
+        const { entries, note } = journal()
+        let attempt = 0
+        yield* Effect.gen(function* () {
+          attempt++
+          const mine = attempt
+          yield* Transaction.afterCommit(note(`afterCommit of attempt ${mine}`))
+          yield* Transaction.afterRollback(note(`afterRollback of attempt ${mine}`))
+          yield* insert(mine)
+          if (mine < 3) yield* serializationFailure
+        }).pipe(Transaction.withTransaction({ retry: Schedule.recurs(5) }))
+        assert.deepStrictEqual(entries, ["afterCommit of attempt 3"])
+        assert.deepStrictEqual(yield* committedIds, [3])
+      })
+    )
+
+    it.effect("with retry, when the schedule gives up, the last attempt's afterRollback hooks run, once", () =>
+      Effect.gen(function* () {
+        yield* items
+        const { entries, note } = journal()
+        let attempt = 0
+        const exit = yield* Effect.gen(function* () {
+          attempt++
+          yield* Transaction.afterRollback(note(`afterRollback of attempt ${attempt}`))
+          yield* serializationFailure
+        }).pipe(Transaction.withTransaction({ retry: Schedule.recurs(2) }), Effect.exit)
+        const error = transactionError(exit)
+        assert.strictEqual(error.reason, "SerializationFailure")
+        assert.strictEqual(error.attempts, 3)
+        assert.deepStrictEqual(entries, ["afterRollback of attempt 3"])
+      })
+    )
+
+    it.effect("interrupting the fiber that runs the transaction rolls it back and runs no hooks", () =>
+      Effect.gen(function* () {
+        yield* items
+        const { entries, note } = journal()
+        const registered = yield* Deferred.make<void>()
+        const fiber = yield* Effect.fork(
+          Effect.gen(function* () {
+            yield* insert(1)
+            yield* Transaction.afterRollback(note("afterRollback"))
+            yield* Deferred.succeed(registered, undefined)
+            yield* Effect.never
+          }).pipe(Transaction.withTransaction())
+        )
+        yield* Deferred.await(registered)
+        yield* Fiber.interrupt(fiber)
+        assert.deepStrictEqual(entries, [])
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
     )
 
     it.effect("a COMMIT that fails runs afterRollback, not afterCommit", () =>

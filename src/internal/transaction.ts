@@ -112,6 +112,8 @@ export class Frame implements Transaction.Transaction {
    * these characteristics. It is checked and runs its hooks at its end, its "virtual commit".
    */
   declared: Characteristics | undefined = undefined
+  /** How a block with `declared` characteristics ended: its virtual commit or rollback. */
+  outcome: "committed" | "rolledBack" | undefined = undefined
   readonly connection: Connection
 
   constructor(
@@ -912,37 +914,32 @@ const outermost = <A, E, R>(
   options: Transaction.Options,
   holding: boolean,
   effect: Effect.Effect<A, E, R>,
-  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  opened: (frame: Frame) => void
 ): Effect.Effect<A, E | TransactionError, R> =>
   Effect.flatMap(Scope.make(), (scope) => {
     let frame: Frame | undefined
     const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
     return open(client, dialect, options, scope, holding, restore).pipe(
-      Effect.flatMap((opened) => {
-        frame = opened
-        const body = restore(provideFrame(effect, opened))
+      Effect.flatMap((begun) => {
+        frame = begun
+        opened(begun)
+        const body = restore(provideFrame(effect, begun))
         if (timeoutMillis === undefined) {
-          return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(opened, exit, undefined))
+          return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(begun, exit, undefined))
         }
         const deadline = Date.now() + timeoutMillis
         return Effect.flatMap(
           Effect.exit(
             Effect.timeoutFail(body, {
               duration: Duration.millis(timeoutMillis),
-              onTimeout: () => timeoutError(opened, timeoutMillis, "its body was still running")
+              onTimeout: () => timeoutError(begun, timeoutMillis, "its body was still running")
             })
           ),
-          (exit) => finishOutermost(opened, exit, { deadline, timeoutMillis })
+          (exit) => finishOutermost(begun, exit, { deadline, timeoutMillis })
         )
       }),
-      Effect.onExit((exit) => closeConnection(frame?.tx, scope, exit)),
-      // The hooks run once the connection is back in the pool.
-      (ended) =>
-        Effect.flatMap(Effect.exit(ended), (exit) =>
-          frame === undefined || frame.hooks.length === 0
-            ? exit
-            : Effect.zipRight(restore(runHooks(frame, frame.tx.outcome)), exit)
-        )
+      Effect.onExit((exit) => closeConnection(frame?.tx, scope, exit))
     )
   })
 
@@ -1147,11 +1144,39 @@ const outermostRetrying = <A, E, R>(
   holding: boolean
 ): Effect.Effect<A, E | TransactionError, R> => {
   const dialect = Context.get(context, CurrentDialect)
-  const once = Effect.uninterruptibleMask((restore) => outermost(client, dialect, options, holding, effect, restore))
-  return options.retry === undefined || options.retry === false
+  return Effect.suspend(() => {
+    let last: Frame | undefined
+    const once = Effect.uninterruptibleMask((restore) => {
+      last = undefined
+      return outermost(client, dialect, options, holding, effect, restore, (frame) => {
+        last = frame
+      })
+    })
+    return withHooksOfLast(attempts(once, options), () => last)
+  })
+}
+
+const attempts = <A, E, R>(
+  once: Effect.Effect<A, E | TransactionError, R>,
+  options: Transaction.Options
+): Effect.Effect<A, E | TransactionError, R> =>
+  options.retry === undefined || options.retry === false
     ? once
     : retrying(once, options.retry === true ? defaultRetrySchedule : options.retry)
-}
+
+/**
+ * Runs the hooks of the attempt that ended the transaction (the one that committed, or the last one), once its
+ * connection is back in the pool; an attempt that was retried keeps none. An interruption of the caller skips them.
+ */
+const withHooksOfLast = <A, E, R>(
+  transaction: Effect.Effect<A, E, R>,
+  last: () => Frame | undefined
+): Effect.Effect<A, E, R> =>
+  Effect.flatMap(Effect.exit(transaction), (exit) => {
+    const frame = last()
+    if (frame === undefined || frame.hooks.length === 0) return exit
+    return Effect.zipRight(runHooks(frame, frame.declared === undefined ? frame.tx.outcome : frame.outcome), exit)
+  })
 
 /** @internal */
 export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = Schedule.exponential("10 millis").pipe(
@@ -1471,8 +1496,11 @@ const virtualOutermost = <A, E, R>(
     deferrable: options.deferrable
   }
   const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
-  const once = Effect.uninterruptibleMask((restore) =>
-    Effect.flatMap(openNested(parent, restore), (frame) => {
+  let last: Frame | undefined
+  const once = Effect.uninterruptibleMask((restore) => {
+    last = undefined
+    return Effect.flatMap(openNested(parent, restore), (frame) => {
+      last = frame
       frame.declared = declared
       const body = restore(provideFrame(effect, frame))
       const limited =
@@ -1482,17 +1510,16 @@ const virtualOutermost = <A, E, R>(
               duration: Duration.millis(timeoutMillis),
               onTimeout: () => timeoutError(frame, timeoutMillis, "its body was still running")
             })
-      const ended = Effect.flatMap(Effect.exit(limited), (exit) => finishNested(frame, exit))
-      return Effect.flatMap(Effect.exit(ended), (exit) =>
-        frame.hooks.length === 0
-          ? exit
-          : Effect.zipRight(restore(runHooks(frame, Exit.isSuccess(exit) ? "committed" : "rolledBack")), exit)
+      return Effect.flatMap(Effect.exit(limited), (exit) => finishNested(frame, exit)).pipe(
+        Effect.onExit((exit) =>
+          Effect.sync(() => {
+            frame.outcome = Exit.isSuccess(exit) ? "committed" : "rolledBack"
+          })
+        )
       )
     })
-  )
-  return options.retry === undefined || options.retry === false
-    ? once
-    : retrying(once, options.retry === true ? defaultRetrySchedule : options.retry)
+  })
+  return Effect.suspend(() => withHooksOfLast(attempts(once, options), () => last))
 }
 
 // ---------------------------------------------------------------------------
