@@ -15,6 +15,24 @@ const holdConnection = (held: Deferred.Deferred<void>, release: Deferred.Deferre
     Transaction.withTransaction()
   )
 
+/**
+ * Holds `n` connections of the pool, each in a transaction of its own; succeeds once all are held, with the effect
+ * that lets them go and waits until they have.
+ */
+const holdConnections = (n: number) =>
+  Effect.gen(function* () {
+    const release = yield* Deferred.make<void>()
+    const holders = yield* Effect.forEach(Array.from({ length: n }), () =>
+      Effect.gen(function* () {
+        const held = yield* Deferred.make<void>()
+        const holder = yield* Effect.fork(holdConnection(held, release))
+        yield* Deferred.await(held)
+        return holder
+      })
+    )
+    return Effect.zipRight(Deferred.succeed(release, undefined), Fiber.joinAll(holders))
+  })
+
 /** Two transactions that each hold a connection at the same time: fails (AcquireTimeout) unless both are free. */
 const bothConnectionsFree = Effect.gen(function* () {
   const both = yield* Deferred.make<void>()
@@ -109,10 +127,7 @@ describe("Transaction.requiresNew", () => {
   layer(TestDatabase.layer({ maxConnections: 2 }), { excludeTestServices: true })((it) => {
     it.effect("with the pool exhausted, it fails with AcquireTimeout instead of hanging, and no connection leaks", () =>
       Effect.gen(function* () {
-        const held = yield* Deferred.make<void>()
-        const release = yield* Deferred.make<void>()
-        const holder = yield* Effect.fork(holdConnection(held, release))
-        yield* Deferred.await(held)
+        const release = yield* holdConnections(1)
         const started = Date.now()
         const exit = yield* Effect.void.pipe(
           Transaction.requiresNew({ acquireTimeout: "300 millis" }),
@@ -126,18 +141,14 @@ describe("Transaction.requiresNew", () => {
         assert.match(error.message, /already holds one/)
         assert.isAtLeast(waited, 290)
         assert.isBelow(waited, 5_000)
-        yield* Deferred.succeed(release, undefined)
-        yield* Fiber.join(holder)
+        yield* release
         yield* bothConnectionsFree
       })
     )
 
     it.effect("the default bound of requiresNew is 5 seconds; a connection that arrives after it is released", () =>
       Effect.gen(function* () {
-        const held = yield* Deferred.make<void>()
-        const release = yield* Deferred.make<void>()
-        const holder = yield* Effect.fork(holdConnection(held, release))
-        yield* Deferred.await(held)
+        const release = yield* holdConnections(1)
         const started = Date.now()
         const waiting = yield* Effect.fork(
           Effect.void.pipe(Transaction.requiresNew(), Transaction.withTransaction(), Effect.exit)
@@ -146,29 +157,20 @@ describe("Transaction.requiresNew", () => {
         const exit = yield* Fiber.join(waiting)
         assert.strictEqual(transactionError(exit).reason, "AcquireTimeout")
         assert.isAtLeast(Date.now() - started, 4_900)
-        yield* Deferred.succeed(release, undefined)
-        yield* Fiber.join(holder)
+        yield* release
         yield* bothConnectionsFree
       })
     )
 
     it.effect("with acquireTimeout, waiting for a connection can be interrupted without losing it", () =>
       Effect.gen(function* () {
-        const held = yield* Deferred.make<void>()
-        const release = yield* Deferred.make<void>()
-        const holders = [
-          yield* Effect.fork(holdConnection(held, release)),
-          yield* Effect.fork(holdConnection(yield* Deferred.make<void>(), release))
-        ]
-        yield* Deferred.await(held)
-        yield* Effect.sleep("100 millis")
+        const release = yield* holdConnections(2)
         const waiting = yield* Effect.fork(
           Effect.void.pipe(Transaction.withTransaction({ acquireTimeout: "1 minute" }))
         )
         yield* Effect.sleep("100 millis")
         yield* Fiber.interrupt(waiting)
-        yield* Deferred.succeed(release, undefined)
-        yield* Fiber.joinAll(holders)
+        yield* release
         // The reservation the interrupted fiber left behind got a connection and gave it back.
         yield* bothConnectionsFree
       })

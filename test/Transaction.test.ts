@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs"
 import { Migrator, SqlClient } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option } from "effect"
@@ -749,4 +750,12 @@ describe("Transaction.layer", () => {
 
 it("the dialect-free parts of the module load without a database", () => {
   assert.deepStrictEqual(Transaction.isolationLevels, ["read committed", "repeatable read", "serializable"])
+})
+
+describe("documentation", () => {
+  it("docs/errors.md describes every TransactionError reason", () => {
+    const page = readFileSync(new URL("../docs/errors.md", import.meta.url), "utf8")
+    const missing = TransactionError.reasons.filter((reason) => !page.includes(`| \`${reason}\``))
+    assert.deepStrictEqual(missing, [])
+  })
 })

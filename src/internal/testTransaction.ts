@@ -45,7 +45,7 @@ const inTest = <A, E, R>(
   >
 
 /** A rollback asked for ends in an empty failure; the body's own exit is what the test returns. */
-const afterRollback = <A, E>(
+const bodyUnlessRollbackFailed = <A, E>(
   body: Exit.Exit<A, E>,
   rolledBack: Exit.Exit<unknown, TransactionError>
 ): Effect.Effect<A, E | TransactionError> => {
@@ -94,7 +94,9 @@ export const isolate = <A, E, R>(
         Effect.flatMap(openNested(frame, restore), (test) => {
           test.test = true
           return Effect.flatMap(Effect.exit(restore(inTest(effect, test, client))), (body) =>
-            Effect.flatMap(Effect.exit(finishNested(test, nothing)), (rolledBack) => afterRollback(body, rolledBack))
+            Effect.flatMap(Effect.exit(finishNested(test, nothing)), (rolledBack) =>
+              bodyUnlessRollbackFailed(body, rolledBack)
+            )
           )
         })
       )
@@ -113,7 +115,7 @@ export const isolate = <A, E, R>(
               finishOutermost(test, nothing, undefined).pipe(
                 Effect.onExit((exit) => closeConnection(test.tx, scope, exit)),
                 Effect.exit,
-                Effect.flatMap((rolledBack) => afterRollback(body, rolledBack))
+                Effect.flatMap((rolledBack) => bodyUnlessRollbackFailed(body, rolledBack))
               )
             )
           })

@@ -955,11 +955,30 @@ const abandonedResult = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effe
         })
       )
 
-/** @internal */
+/**
+ * Ends a nested block: releases its savepoint when `exit` succeeded, rolls it back otherwise. Blocks still open
+ * inside it are rolled back or kept, as for `finishOutermost`. A block standing for the code's outermost
+ * transaction in a test records how its virtual commit ended.
+ *
+ * @internal
+ */
 export const finishNested = <A, E>(
   frame: Frame,
   exit: Exit.Exit<A, E>,
   inner: "rollback" | "keep" = "rollback"
+): Effect.Effect<A, E | TransactionError> =>
+  frame.declared === undefined
+    ? endNested(frame, exit, inner)
+    : Effect.onExit(endNested(frame, exit, inner), (ended) =>
+        Effect.sync(() => {
+          frame.outcome = Exit.isSuccess(ended) ? "committed" : "rolledBack"
+        })
+      )
+
+const endNested = <A, E>(
+  frame: Frame,
+  exit: Exit.Exit<A, E>,
+  inner: "rollback" | "keep"
 ): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
   if (frame.abandoned) return abandonedResult(frame, exit)
@@ -1167,6 +1186,7 @@ const attempts = <A, E, R>(
 /**
  * Runs the hooks of the attempt that ended the transaction (the one that committed, or the last one), once its
  * connection is back in the pool; an attempt that was retried keeps none. An interruption of the caller skips them.
+ * An ordinary nested block has no outcome of its own, so nothing runs for it: its hooks went to the block around it.
  */
 const withHooksOfLast = <A, E, R>(
   transaction: Effect.Effect<A, E, R>,
@@ -1510,13 +1530,7 @@ const virtualOutermost = <A, E, R>(
               duration: Duration.millis(timeoutMillis),
               onTimeout: () => timeoutError(frame, timeoutMillis, "its body was still running")
             })
-      return Effect.flatMap(Effect.exit(limited), (exit) => finishNested(frame, exit)).pipe(
-        Effect.onExit((exit) =>
-          Effect.sync(() => {
-            frame.outcome = Exit.isSuccess(exit) ? "committed" : "rolledBack"
-          })
-        )
-      )
+      return Effect.flatMap(Effect.exit(limited), (exit) => finishNested(frame, exit))
     })
   })
   return Effect.suspend(() => withHooksOfLast(attempts(once, options), () => last))
@@ -1645,36 +1659,23 @@ const makeHandle = (
   }
 
   const finish = (outcome: "commit" | "rollback"): Effect.Effect<void, TransactionError> =>
-    Effect.uninterruptibleMask((restore) => {
+    Effect.suspend(() => {
       if (!live()) return Effect.fail(endedError(root, `${outcome} was called`))
       ended = true
       const exit = outcome === "commit" ? Exit.void : Exit.failCause(Cause.empty)
-      const finished =
+      const ending =
         connectionScope === undefined
           ? root.tx.foreign
             ? Effect.ensuring(finishNested(root, exit, "keep"), flushForeign(root.parent!))
-            : root.declared === undefined
-              ? finishNested(root, exit, "keep")
-              : finishNested(root, exit, "keep").pipe(
-                  Effect.exit,
-                  Effect.flatMap((result) =>
-                    root.hooks.length === 0
-                      ? result
-                      : Effect.zipRight(
-                          restore(runHooks(root, Exit.isSuccess(result) ? "committed" : "rolledBack")),
-                          result
-                        )
-                  )
-                )
-          : finishOutermost(root, exit, undefined, "keep").pipe(
-              Effect.onExit((result) => closeConnection(root.tx, connectionScope, result)),
-              Effect.exit,
-              Effect.flatMap((result) =>
-                root.hooks.length === 0 ? result : Effect.zipRight(restore(runHooks(root, root.tx.outcome)), result)
-              )
+            : finishNested(root, exit, "keep")
+          : Effect.onExit(finishOutermost(root, exit, undefined, "keep"), (result) =>
+              closeConnection(root.tx, connectionScope, result)
             )
       // A rollback asked for ends in an empty failure: it is the expected outcome.
-      return Effect.catchAllCause(finished, (cause) => (Cause.isEmpty(cause) ? Effect.void : Effect.failCause(cause)))
+      return Effect.catchAllCause(
+        withHooksOfLast(Effect.uninterruptible(ending), () => root),
+        (cause) => (Cause.isEmpty(cause) ? Effect.void : Effect.failCause(cause))
+      )
     })
 
   const savepointOf = (savepoint: Transaction.Savepoint, what: string): Frame | TransactionError => {
