@@ -4,7 +4,7 @@
  */
 import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
-import { Console, Effect, Layer, Redacted } from "effect"
+import { Cause, Console, Effect, Exit, Layer, Redacted } from "effect"
 import { EmbeddedPostgres, Transaction } from "effect-transaction"
 
 const balances = Effect.gen(function* () {
@@ -68,16 +68,42 @@ const program = Effect.gen(function* () {
   yield* Console.log("Done: tables dropped.")
 })
 
-const Database =
-  process.env.DATABASE_URL !== undefined && process.env.DATABASE_URL !== ""
-    ? PgClient.layer({ url: Redacted.make(process.env.DATABASE_URL) })
-    : EmbeddedPostgres.layer()
+const url = process.env.DATABASE_URL
+const fromUrl = url !== undefined && url !== ""
 
-Effect.runPromise(
-  Console.log("Starting PostgreSQL...").pipe(
-    Effect.zipRight(Effect.provide(program, Transaction.layer.pipe(Layer.provideMerge(Database))))
-  )
-).catch((error) => {
-  console.error(error)
-  process.exit(1)
+/** The URL without its password, to show. */
+const shown = (text: string) => {
+  try {
+    const parsed = new URL(text)
+    if (parsed.password !== "") parsed.password = "***"
+    return parsed.toString()
+  } catch {
+    return "(not a valid URL)"
+  }
+}
+
+const Database = fromUrl ? PgClient.layer({ url: Redacted.make(url) }) : EmbeddedPostgres.layer()
+
+const failure = (cause: Cause.Cause<unknown>) => {
+  const error = Cause.squash(cause)
+  const detail =
+    error instanceof Error
+      ? `${error.message}${error.cause instanceof Error ? `: ${error.cause.message}` : ""}`
+      : String(error)
+  return fromUrl
+    ? `The demo could not use the PostgreSQL server at DATABASE_URL=${shown(url)}: ${detail}\n` +
+        "Start that server or correct DATABASE_URL, or unset DATABASE_URL to run the demo on an embedded PostgreSQL."
+    : `The demo could not run on an embedded PostgreSQL: ${detail}\nOr set DATABASE_URL to run it on an existing server.`
+}
+
+console.log(
+  fromUrl
+    ? `Using the PostgreSQL server at DATABASE_URL=${shown(url)}`
+    : "Starting an embedded PostgreSQL (set DATABASE_URL to use an existing server instead)..."
+)
+Effect.runPromiseExit(Effect.provide(program, Transaction.layer.pipe(Layer.provideMerge(Database)))).then((exit) => {
+  if (Exit.isFailure(exit)) {
+    console.error(failure(exit.cause))
+    process.exit(1)
+  }
 })

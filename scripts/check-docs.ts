@@ -1,6 +1,7 @@
 /**
  * Type-checks every ```ts example: in the JSDoc of src/, in README.md and in docs/. Each example becomes a module
- * of its own under .tmp/doc-examples and is compiled with the project's settings (unused names allowed).
+ * of its own under .tmp/doc-examples and is compiled with the project's settings (unused names allowed). Also checks
+ * that the README's Quick start is examples/quickstart.ts word for word (that file is run by `npm run examples`).
  */
 import { execFileSync } from "node:child_process"
 import * as fs from "node:fs"
@@ -37,6 +38,13 @@ const sources = [
     (file) => [file, fromMarkdown(fs.readFileSync(file, "utf8"))] as const
   )
 ]
+
+const readme = fs.readFileSync(path.join(root, "README.md"), "utf8")
+const quickstart = /^## Quick start\n[\s\S]*?^```ts\n([\s\S]*?)^```$/m.exec(readme)?.[1]
+if (quickstart !== fs.readFileSync(path.join(root, "examples", "quickstart.ts"), "utf8")) {
+  console.error("README.md's Quick start differs from examples/quickstart.ts: copy the file into the README's block")
+  process.exit(1)
+}
 
 fs.rmSync(out, { recursive: true, force: true })
 fs.mkdirSync(out, { recursive: true })

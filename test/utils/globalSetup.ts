@@ -1,3 +1,4 @@
+import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Scope from "effect/Scope"
@@ -49,17 +50,63 @@ const dropAbandoned = async (adminUrl: string) => {
   }
 }
 
+/** A URL without its password, to show in a message. */
+const displayUrl = (url: string) => {
+  try {
+    const parsed = new URL(url)
+    if (parsed.password !== "") parsed.password = "***"
+    return parsed.toString()
+  } catch {
+    return "(not a valid URL)"
+  }
+}
+
+/**
+ * Ends the run before any test file is collected, with `lines` as its first words. (Thrown from here, the error
+ * would come after vitest's "No test files found" and a code frame of the set-up file.)
+ */
+const abort = (lines: ReadonlyArray<string>): never => {
+  console.error(`\n${lines.map((line) => `[tests] ${line}`).join("\n")}\n`)
+  process.exit(1)
+}
+
+/** Checks that DATABASE_URL answers, within 10 seconds. */
+const checkReachable = async (url: string) => {
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 10_000 })
+  client.on("error", () => undefined)
+  try {
+    await client.connect()
+    await client.query("SELECT 1")
+  } catch (error) {
+    abort([
+      `Cannot use the PostgreSQL server at DATABASE_URL=${displayUrl(url)}: ${error instanceof Error ? error.message : String(error)}`,
+      "Start that server or correct DATABASE_URL, or unset DATABASE_URL to run the tests on an embedded PostgreSQL."
+    ])
+  } finally {
+    await client.end().catch(() => undefined)
+  }
+}
+
 /** One server for the whole run: DATABASE_URL when set, otherwise an embedded PostgreSQL. */
 export default async function setup(project: TestProject) {
   const runPrefix = `etx_test_${process.pid}_`
   const scope = Effect.runSync(Scope.make())
   let adminUrl = process.env.DATABASE_URL
   if (adminUrl === undefined || adminUrl === "") {
-    const server = await Effect.runPromise(Scope.extend(EmbeddedPostgres.start(), scope))
+    const exit = await Effect.runPromiseExit(Scope.extend(EmbeddedPostgres.start(), scope))
+    if (Exit.isFailure(exit)) {
+      const error = Cause.squash(exit.cause)
+      abort([
+        `Could not start an embedded PostgreSQL: ${error instanceof Error ? error.message : String(error)}`,
+        "Or set DATABASE_URL to run the tests on an existing server."
+      ])
+    }
+    const server = (exit as Exit.Success<EmbeddedPostgres.Server, never>).value
     adminUrl = server.url
     console.log(`[tests] embedded PostgreSQL on port ${server.port} (set DATABASE_URL to use another server)`)
   } else {
-    console.log("[tests] PostgreSQL from DATABASE_URL")
+    await checkReachable(adminUrl)
+    console.log(`[tests] PostgreSQL from DATABASE_URL (${displayUrl(adminUrl)})`)
     await dropAbandoned(adminUrl)
   }
   project.provide("adminUrl", adminUrl)
