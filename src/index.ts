@@ -30,3 +30,10 @@ export * as TestTransaction from "./TestTransaction.js"
  * @since 0.1.0
  */
 export * as EmbeddedPostgres from "./EmbeddedPostgres.js"
+
+/**
+ * Schema migrations with up and down, one transaction each, safe when many processes migrate at once.
+ *
+ * @since 0.1.0
+ */
+export * as Migrator from "./Migrator.js"
