@@ -71,25 +71,30 @@ const program = Effect.gen(function* () {
 const url = process.env.DATABASE_URL
 const fromUrl = url !== undefined && url !== ""
 
-/** The URL without its password, to show. */
+/** The URL without its passwords (in the user part and in the query), to show. */
 const shown = (text: string) => {
   try {
     const parsed = new URL(text)
     if (parsed.password !== "") parsed.password = "***"
+    for (const key of [...parsed.searchParams.keys()]) if (/pass/i.test(key)) parsed.searchParams.set(key, "***")
     return parsed.toString()
   } catch {
     return "(not a valid URL)"
   }
 }
 
+/** What went wrong: the error's message and its cause's (an AggregateError, for a host with several addresses). */
+const reasonOf = (error: unknown): string =>
+  error instanceof AggregateError && error.message === ""
+    ? error.errors.map(reasonOf).join("; ")
+    : error instanceof Error
+      ? `${error.message}${error.cause === undefined ? "" : `: ${reasonOf(error.cause)}`}`
+      : String(error)
+
 const Database = fromUrl ? PgClient.layer({ url: Redacted.make(url) }) : EmbeddedPostgres.layer()
 
 const failure = (cause: Cause.Cause<unknown>) => {
-  const error = Cause.squash(cause)
-  const detail =
-    error instanceof Error
-      ? `${error.message}${error.cause instanceof Error ? `: ${error.cause.message}` : ""}`
-      : String(error)
+  const detail = reasonOf(Cause.squash(cause))
   return fromUrl
     ? `The demo could not use the PostgreSQL server at DATABASE_URL=${shown(url)}: ${detail}\n` +
         "Start that server or correct DATABASE_URL, or unset DATABASE_URL to run the demo on an embedded PostgreSQL."

