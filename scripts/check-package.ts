@@ -73,11 +73,20 @@ const allowed = [
 ]
 const unexpected = files.filter((file) => !allowed.some((pattern) => pattern.test(file)))
 if (unexpected.length > 0) fail(`the tarball holds files a user does not need: ${unexpected.join(", ")}`)
-const entryPoints = ["index", "Transaction", "TransactionError", "TestTransaction", "EmbeddedPostgres"]
+const entryPoints = [
+  "index",
+  "Transaction",
+  "TransactionError",
+  "TestTransaction",
+  "EmbeddedPostgres",
+  "Migrator",
+  "MigratorCli"
+]
 const required = [
   "LICENSE",
   "README.md",
-  ...entryPoints.flatMap((name) => [`dist/${name}.js`, `dist/${name}.d.ts`, `dist/${name}.js.map`])
+  ...entryPoints.flatMap((name) => [`dist/${name}.js`, `dist/${name}.d.ts`, `dist/${name}.js.map`]),
+  "dist/bin.js"
 ]
 const missing = required.filter((file) => !files.includes(file))
 if (missing.length > 0) fail(`the tarball lacks ${missing.join(", ")}`)
@@ -115,6 +124,8 @@ fs.writeFileSync(
 import { Effect } from "effect"
 import * as Barrel from "effect-transaction"
 import * as EmbeddedPostgres from "effect-transaction/EmbeddedPostgres"
+import * as Migrator from "effect-transaction/Migrator"
+import * as MigratorCli from "effect-transaction/MigratorCli"
 import * as TestTransaction from "effect-transaction/TestTransaction"
 import * as Transaction from "effect-transaction/Transaction"
 import * as TransactionError from "effect-transaction/TransactionError"
@@ -127,8 +138,11 @@ export const sameModules = [
   Barrel.Transaction === Transaction,
   Barrel.TransactionError === TransactionError,
   Barrel.TestTransaction === TestTransaction,
-  Barrel.EmbeddedPostgres === EmbeddedPostgres
+  Barrel.EmbeddedPostgres === EmbeddedPostgres,
+  Barrel.Migrator === Migrator,
+  Barrel.MigratorCli === MigratorCli
 ] as const
+export const migrate = Migrator.up({ loader: Migrator.fromRecord({}) })
 export const isolated = TestTransaction.isolate(Effect.void)
 export const start = EmbeddedPostgres.start
 export const internal: unknown = Internal
@@ -175,6 +189,11 @@ for (const [label, command, args] of [
   if (!expected.test(output)) fail(`${label} printed:\n${output}\nexpected a line "balances: 1=90 2=10 3=0"`)
   console.log(`${label}: ${output.trim().split("\n").join(" | ")} (${Date.now() - runStarted} ms)`)
 }
+
+// 6. The bin is installed and runs from the app (its own dependencies resolve there).
+const created = run(app, "npx", ["effect-transaction", "migrate", "new", "create_accounts", "--sql"])
+if (!/Created migrations\/0001_create_accounts\.sql/.test(created)) fail(`the bin printed:\n${created}`)
+console.log(`npx effect-transaction migrate new: ${created.trim()}`)
 
 if (keep) console.log(`consumer project kept at ${app}`)
 else fs.rmSync(work, { recursive: true, force: true })

@@ -37,3 +37,10 @@ export * as EmbeddedPostgres from "./EmbeddedPostgres.js"
  * @since 0.1.0
  */
 export * as Migrator from "./Migrator.js"
+
+/**
+ * The `migrate` command line, to run with a database layer of your own.
+ *
+ * @since 0.1.0
+ */
+export * as MigratorCli from "./MigratorCli.js"
