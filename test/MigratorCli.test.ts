@@ -3,7 +3,10 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { assert, beforeAll, describe, layer } from "@effect/vitest"
-import { Effect } from "effect"
+import { NodeContext } from "@effect/platform-node"
+import { PgClient } from "@effect/sql-pg"
+import { Effect, Redacted } from "effect"
+import { MigratorCli } from "effect-transaction"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 const root = path.resolve(import.meta.dirname, "..")
@@ -54,7 +57,10 @@ const project = (inside: boolean) =>
   )
 
 const createUsers = `import { SqlClient } from "@effect/sql"
-import { Effect } from "effect"
+import { NodeContext } from "@effect/platform-node"
+import { PgClient } from "@effect/sql-pg"
+import { Effect, Redacted } from "effect"
+import { MigratorCli } from "effect-transaction"
 
 export const up = Effect.flatMap(SqlClient.SqlClient, (sql) => sql\`CREATE TABLE cli_users (id serial PRIMARY KEY, email text NOT NULL)\`)
 export const down = Effect.flatMap(SqlClient.SqlClient, (sql) => sql\`DROP TABLE cli_users\`)
@@ -152,6 +158,20 @@ describe("effect-transaction migrate (the built bin)", () => {
 
         const unknown = yield* cli(inside, ["migrate", "up", "--bogus"], url)
         assert.strictEqual(unknown.code, 2)
+      })
+    )
+
+    it.scoped("a program runs the same commands in process, with its own database layer (MigratorCli.run)", () =>
+      Effect.gen(function* () {
+        const { url } = yield* TestDatabase.TestDatabase
+        const dir = yield* project(false)
+        fs.writeFileSync(path.join(dir, "0001_own.sql"), "-- migrate:up\nCREATE TABLE own_cli (id int);\n")
+        const run = MigratorCli.run({ name: "my-app", database: PgClient.layer({ url: Redacted.make(url) }) })
+        const args = ["--directory", dir, "--table", "own_cli_migrations"]
+        const pending = yield* run(["migrate", "validate", ...args]).pipe(Effect.provide(NodeContext.layer))
+        assert.strictEqual(pending, 1)
+        assert.strictEqual(yield* run(["migrate", "up", ...args]).pipe(Effect.provide(NodeContext.layer)), 0)
+        assert.strictEqual(yield* run(["migrate", "validate", ...args]).pipe(Effect.provide(NodeContext.layer)), 0)
       })
     )
   })

@@ -2,7 +2,8 @@ import { SqlClient } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { Cause, Effect, Exit, Layer } from "effect"
 import { TestTransaction } from "effect-transaction"
-import { Accounts, Bank, BankLive, Notifier, schema } from "../examples/testing/app.js"
+import { Accounts, Bank, BankLive, Notifier } from "../examples/testing/app.js"
+import { migrate } from "../examples/testing/database.js"
 import { transactionError } from "./utils/fixtures.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
@@ -10,10 +11,8 @@ import * as TestDatabase from "./utils/TestDatabase.js"
 const sent: Array<string> = []
 const NotifierLive = Layer.succeed(Notifier, { notify: (message) => Effect.sync(() => void sent.push(message)) })
 
-/** The schema is committed (empty) before the suites; everything else happens in test transactions. */
-const Db = Layer.tap(TestDatabase.layer(), (context) =>
-  Effect.provide(TestDatabase.setup("DROP TABLE IF EXISTS bank_transfers, bank_accounts", ...schema), context)
-)
+/** The schema is migrated and committed (empty) before the suites; everything else happens in test transactions. */
+const Db = Layer.tap(TestDatabase.layer(), (context) => Effect.provide(Effect.orDie(migrate), context))
 
 const counts = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
   db.outside<{ accounts: number; transfers: number }>(

@@ -1,24 +1,11 @@
 /**
  * A small bank, the code under test of the testing examples: a repository, a service whose transfer (a
- * Transaction.fn) calls two other transactional functions, and a notification sent after commit.
+ * Transaction.fn) calls two other transactional functions, and a notification sent after commit. Its schema is
+ * the migration in examples/testing/migrations.
  */
 import { SqlClient } from "@effect/sql"
 import { Context, Effect, Layer } from "effect"
 import { Transaction } from "effect-transaction"
-
-export const schema = [
-  `CREATE TABLE IF NOT EXISTS bank_accounts (
-    id serial PRIMARY KEY,
-    owner text NOT NULL UNIQUE,
-    balance int NOT NULL CHECK (balance >= 0)
-  )`,
-  `CREATE TABLE IF NOT EXISTS bank_transfers (
-    id serial PRIMARY KEY,
-    from_id int NOT NULL REFERENCES bank_accounts DEFERRABLE INITIALLY DEFERRED,
-    to_id int NOT NULL REFERENCES bank_accounts DEFERRABLE INITIALLY DEFERRED,
-    amount int NOT NULL CHECK (amount > 0)
-  )`
-]
 
 export class InsufficientFunds {
   readonly _tag = "InsufficientFunds"

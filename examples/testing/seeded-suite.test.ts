@@ -1,6 +1,6 @@
 /**
  * Setup 3, a suite sharing seeded data: TestTransaction.layer opens one test transaction for the suite and seeds
- * it once; the app's layers are built on it; each test runs in TestTransaction.isolate, a savepoint rolled back to
+ * it once (here the seed also runs the migrations, so nothing of the schema outlives the suite); the app's layers are built on it; each test runs in TestTransaction.isolate, a savepoint rolled back to
  * the seed afterwards. Run: `npx vitest run examples/testing/seeded-suite.test.ts`.
  */
 import { SqlClient } from "@effect/sql"
@@ -8,18 +8,22 @@ import { assert, layer } from "@effect/vitest"
 import { Effect, Layer } from "effect"
 import { TestTransaction, TransactionError } from "effect-transaction"
 import { Accounts, Bank, BankLive, Notifier } from "./app.js"
-import { Database } from "./database.js"
+import { EmptyDatabase, migrate } from "./database.js"
 
-const seed = Effect.flatMap(
-  SqlClient.SqlClient,
-  (sql) => sql`INSERT INTO bank_accounts (id, owner, balance) VALUES (1, 'ada', 100), (2, 'grace', 100)`
+// The seed runs once, inside the suite's test transaction: the migrations (as savepoints of it), then the data.
+const seed = Effect.zipRight(
+  migrate,
+  Effect.flatMap(
+    SqlClient.SqlClient,
+    (sql) => sql`INSERT INTO bank_accounts (id, owner, balance) VALUES (1, 'ada', 100), (2, 'grace', 100)`
+  )
 )
 
 const sent: Array<string> = []
 const Suite = BankLive.pipe(
   Layer.provide(Layer.succeed(Notifier, { notify: (message) => Effect.sync(() => void sent.push(message)) })),
   Layer.provideMerge(TestTransaction.layer({ seed })),
-  Layer.provide(Database)
+  Layer.provide(EmptyDatabase)
 )
 
 const balances = Effect.flatMap(Accounts, (accounts) => Effect.all([accounts.balance(1), accounts.balance(2)]))
