@@ -9,11 +9,12 @@ import type * as FileSystem from "@effect/platform/FileSystem"
 import type * as Path from "@effect/platform/Path"
 import * as SqlMigrator from "@effect/sql/Migrator"
 import * as SqlMigratorFileSystem from "@effect/sql/Migrator/FileSystem"
-import type * as SqlClient from "@effect/sql/SqlClient"
+import * as SqlClient from "@effect/sql/SqlClient"
 import type { SqlError } from "@effect/sql/SqlError"
 import type * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
+import * as idempotency from "./internal/idempotency.js"
 import * as files from "./internal/migrationFiles.js"
 import * as internal from "./internal/migrator.js"
 
@@ -55,7 +56,7 @@ export type ResolvedMigration = SqlMigrator.ResolvedMigration
  * each file's text is checksummed (line endings normalised), so an applied migration that changes is caught.
  *
  * @since 0.1.0
- * @category loaders
+ * @category constructors
  * @example
  * ```ts
  * import { NodeContext } from "@effect/platform-node"
@@ -73,7 +74,7 @@ export const fromDirectory: (directory: string) => Loader<FileSystem.FileSystem 
  * `@effect/sql`'s loader for a record of effects keyed `"<id>_<name>"`.
  *
  * @since 0.1.0
- * @category loaders
+ * @category constructors
  * @example
  * ```ts
  * import { SqlClient } from "@effect/sql"
@@ -92,7 +93,7 @@ export const fromRecord: (migrations: Record<string, Effect.Effect<void, unknown
  * `@effect/sql`'s loader for a bundler's glob import (`import.meta.glob("./migrations/*.ts")`).
  *
  * @since 0.1.0
- * @category loaders
+ * @category constructors
  * @example
  * ```ts
  * import { Migrator } from "effect-transaction"
@@ -107,7 +108,7 @@ export const fromGlob: (migrations: Record<string, () => Promise<unknown>>) => L
  * `fromDirectory`).
  *
  * @since 0.1.0
- * @category loaders
+ * @category constructors
  * @example
  * ```ts
  * import { Migrator } from "effect-transaction"
@@ -444,3 +445,26 @@ export const run = <R = never>(
 export const layer = <R = never>(
   options: UpOptions<R>
 ): Layer.Layer<never, MigrationError | SqlError, SqlClient.SqlClient | R> => Layer.effectDiscard(internal.up(options))
+
+/**
+ * The migration that creates the table of `Transaction.idempotent` (`effect_transaction_idempotency`), for projects
+ * that create every table through migrations (otherwise `idempotent` creates it on first use). Add it as a file of
+ * your migrations directory.
+ *
+ * @since 0.1.0
+ * @category constructors
+ * @example
+ * ```ts
+ * // migrations/0010_idempotency.ts
+ * import { Migrator } from "effect-transaction"
+ *
+ * export const { up, down } = Migrator.idempotencyTable
+ * ```
+ */
+export const idempotencyTable: {
+  readonly up: Effect.Effect<void, SqlError, SqlClient.SqlClient>
+  readonly down: Effect.Effect<void, SqlError, SqlClient.SqlClient>
+} = {
+  up: Effect.flatMap(SqlClient.SqlClient, (sql) => Effect.asVoid(sql.unsafe(idempotency.createTable))),
+  down: Effect.flatMap(SqlClient.SqlClient, (sql) => Effect.asVoid(sql.unsafe(idempotency.dropTable)))
+}

@@ -14,8 +14,10 @@ import { dual } from "effect/Function"
 import type * as Layer from "effect/Layer"
 import type * as Option from "effect/Option"
 import type * as Schedule from "effect/Schedule"
+import type * as Schema from "effect/Schema"
 import type * as Scope from "effect/Scope"
 import type { YieldWrap } from "effect/Utils"
+import * as idempotency from "./internal/idempotency.js"
 import * as internal from "./internal/transaction.js"
 import type { TransactionError } from "./TransactionError.js"
 
@@ -681,3 +683,92 @@ export const advisoryLock = (
 export const tryAdvisoryLock = (
   key: number | bigint | string
 ): Effect.Effect<boolean, TransactionError | SqlError, Current> => internal.advisoryLock(key, false)
+
+/**
+ * The options of `idempotent`.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import { Schema } from "effect"
+ * import type { Transaction } from "effect-transaction"
+ *
+ * const options: Transaction.IdempotentOptions<number, number, never, never, never, never> = {
+ *   key: "payment:8e3f",
+ *   success: Schema.Number,
+ *   expiresAfter: "1 day"
+ * }
+ * ```
+ */
+export interface IdempotentOptions<A, I, RA, EF, IF, RF> {
+  /** Names the request: calls with the same key (in the same scope) run the effect once. */
+  readonly key: string
+  /** Encodes the result to store it, and decodes it for every later call. */
+  readonly success: Schema.Schema<A, I, RA>
+  /**
+   * The typed failures that are final: recorded (the effect's writes rolled back) and replayed to later calls.
+   * Other failures, defects, interruptions and retryable errors record nothing: the next call runs the effect.
+   */
+  readonly failure?: Schema.Schema<EF, IF, RF> | undefined
+  /** Any value describing the request (hashed): the same key with a different request fails with `KeyReused`. */
+  readonly request?: unknown
+  /** A namespace for keys, e.g. per endpoint. Default `"default"`. */
+  readonly scope?: string | undefined
+  /** How long the outcome is kept; after that the key is free again. Default 7 days. */
+  readonly expiresAfter?: Duration.DurationInput | undefined
+}
+
+/**
+ * Runs the effect as a transaction at most once per key: its result (or its final failure) is stored, encoded, in
+ * the same transaction as its writes, and every later call with the key gets the stored outcome back without running
+ * the effect. Concurrent calls with one key take turns (the later ones wait, then replay); calls with different keys
+ * do not wait for each other. Inside a transaction, it is a nested block sharing that transaction's fate. Its table
+ * (`effect_transaction_idempotency`) is created on first use, or by the migration `Migrator.idempotencyTable`.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { SqlClient } from "@effect/sql"
+ * import { Effect, Schema } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const charge = (paymentId: string, cents: number) =>
+ *   Effect.flatMap(SqlClient.SqlClient, (sql) =>
+ *     Effect.map(sql<{ id: number }>`INSERT INTO charges (cents) VALUES (${cents}) RETURNING id`, (rows) => rows[0]!.id)
+ *   ).pipe(Transaction.idempotent({ key: paymentId, success: Schema.Number, request: { cents } }))
+ * ```
+ */
+export const idempotent: {
+  <A, I, RA, EF = never, IF = never, RF = never>(
+    options: IdempotentOptions<A, I, RA, EF, IF, RF>
+  ): <A2 extends A, E, R>(
+    self: Effect.Effect<A2, E, R>
+  ) => Effect.Effect<A, E | TransactionError, Exclude<R, Current> | RA | RF | SqlClient.SqlClient>
+  <A2 extends A, E, R, A, I, RA, EF = never, IF = never, RF = never>(
+    self: Effect.Effect<A2, E, R>,
+    options: IdempotentOptions<A, I, RA, EF, IF, RF>
+  ): Effect.Effect<A, E | TransactionError, Exclude<R, Current> | RA | RF | SqlClient.SqlClient>
+} = dual(
+  2,
+  <A, E, R, I, RA, EF, IF, RF>(self: Effect.Effect<A, E, R>, options: IdempotentOptions<A, I, RA, EF, IF, RF>) =>
+    idempotency.idempotent(self, options)
+)
+
+/**
+ * Deletes the expired records of `idempotent` and returns how many there were. Run it now and then (a daily job);
+ * expired records are ignored until then.
+ *
+ * @since 0.1.0
+ * @category combinators
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const purge = Effect.flatMap(Transaction.purgeIdempotencyRecords, (n) => Effect.log(`${n} expired records deleted`))
+ * ```
+ */
+export const purgeIdempotencyRecords: Effect.Effect<number, TransactionError, SqlClient.SqlClient> =
+  idempotency.purgeExpired

@@ -22,6 +22,8 @@ import * as Predicate from "effect/Predicate"
  * - `Timeout`: the transaction's `timeout` ran out; it was rolled back.
  * - `AcquireTimeout`: no pooled connection became free within `acquireTimeout`; nothing was sent.
  * - `Unsupported`: the call cannot work in this kind of transaction (the message names the alternative).
+ * - `KeyReused`: an idempotency key was used before for a different request (`Transaction.idempotent`).
+ * - `ReplayFailed`: an outcome recorded by `Transaction.idempotent` no longer decodes with the schema given.
  *
  * What the database said, by SQLSTATE (from a control statement, or from any `SqlError` through `classify`):
  * - `SerializationFailure` (40001) and `Deadlock` (40P01): retryable by running the whole transaction again.
@@ -53,6 +55,8 @@ export const reasons = [
   "Timeout",
   "AcquireTimeout",
   "Unsupported",
+  "KeyReused",
+  "ReplayFailed",
   "SerializationFailure",
   "Deadlock",
   "UniqueViolation",
