@@ -34,6 +34,11 @@ MigratorCli.run({ database, version })(process.argv.slice(2)).pipe(
   Effect.provide(NodeContext.layer),
   NodeRuntime.runMain({
     disableErrorReporting: true,
-    teardown: (exit, onExit) => onExit(Exit.isSuccess(exit) ? (exit.value as number) : 130)
+    teardown: (exit, onExit) => {
+      if (Exit.isSuccess(exit)) return onExit(exit.value as number)
+      // Only an interruption (Ctrl-C, SIGTERM) ends here: every failure became a message and a code.
+      console.error("Interrupted. A migration running in a transaction was rolled back; see `migrate status`.")
+      onExit(130)
+    }
   })
 )

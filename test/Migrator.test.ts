@@ -156,7 +156,7 @@ describe("Migrator", () => {
         })
         const error = migrationError(yield* Effect.exit(Migrator.up({ loader: Migrator.fromDirectory(dir), table })))
         assert.strictEqual(error.reason, "DuplicateId")
-        assert.match(error.message, /0001_a and 0001_b/)
+        assert.match(error.message, /0001_a\.sql and 0001_b\.sql/)
         assert.isFalse(yield* tableExists(table))
         assert.isFalse(yield* tableExists("dup_a"))
       })
@@ -205,7 +205,10 @@ describe("Migrator", () => {
         const loader = Migrator.fromRecord({ "2_new": statements("CREATE TABLE missing_2 (id int)") })
         const error = migrationError(yield* Effect.exit(Migrator.validate({ loader, table })))
         assert.strictEqual(error.reason, "MissingFile")
-        assert.match(error.message, /0001_gone is recorded as applied in m_missing, but no migration file has id 1/)
+        assert.match(
+          error.message,
+          /0001_gone is recorded as applied in public\.m_missing, but no migration file has id 1/
+        )
         assert.strictEqual(migrationError(yield* Effect.exit(Migrator.up({ loader, table }))).reason, "MissingFile")
         assert.isFalse(yield* tableExists("missing_2"))
       })
@@ -320,7 +323,7 @@ describe("Migrator", () => {
           const again = migrationError(yield* Effect.exit(Migrator.up({ loader: Effect.succeed(migrations), table })))
           assert.strictEqual(again.reason, "PreviouslyFailed")
           assert.match(again.message, /INVALID by CREATE INDEX CONCURRENTLY must be dropped/)
-          assert.match(again.message, /DELETE FROM m_nontx WHERE migration_id = 1/)
+          assert.match(again.message, /DELETE FROM public\.m_nontx WHERE migration_id = 1/)
         })
     )
 
@@ -579,6 +582,201 @@ describe("Migrator", () => {
         assert.deepStrictEqual(seen, [1, ["applied"]])
         assert.isFalse(yield* tableExists("sandbox_t"))
         assert.isFalse(yield* tableExists(table))
+      })
+    )
+
+    it.effect("a thrown error or defect in a migration is a Failed MigrationError, and nothing of it is applied", () =>
+      Effect.gen(function* () {
+        const table = "m_defect"
+        const loader = Effect.succeed([
+          [
+            1,
+            "throws",
+            Effect.succeed({
+              up: Effect.zipRight(run("CREATE TABLE defect_t (id int)"), Effect.die(new Error("boom")))
+            })
+          ]
+        ] as const)
+        const error = migrationError(yield* Effect.exit(Migrator.up({ loader, table })))
+        assert.strictEqual(error.reason, "Failed")
+        assert.match(error.message, /0001_throws failed and was rolled back; nothing of it is applied: boom\./)
+        assert.isFalse(yield* tableExists("defect_t"))
+      })
+    )
+
+    it.effect("down with no option reverts the newest batch, also when it holds a migration merged out of order", () =>
+      Effect.gen(function* () {
+        const table = "m_batch_order"
+        const migration = (n: number) =>
+          [
+            n,
+            `t${n}`,
+            Effect.succeed({
+              up: run(`CREATE TABLE batch_order_${n} (id int)`),
+              down: run(`DROP TABLE batch_order_${n}`)
+            })
+          ] as const
+        yield* Migrator.up({ loader: Effect.succeed([migration(1), migration(3)]), table })
+        yield* Migrator.up({
+          loader: Effect.succeed([migration(1), migration(2), migration(3)]),
+          table,
+          allowOutOfOrder: true
+        })
+        const reverted = yield* Migrator.down({
+          loader: Effect.succeed([migration(1), migration(2), migration(3)]),
+          table
+        })
+        assert.deepStrictEqual(
+          reverted.map((ran) => ran.id),
+          [2]
+        )
+        assert.deepStrictEqual(
+          (yield* rowsOf(table)).map((row) => row.migration_id),
+          [1, 3]
+        )
+      })
+    )
+
+    it.effect("a table name with capitals is found again: nothing is applied twice", () =>
+      Effect.gen(function* () {
+        const table = "MyMigrations"
+        const loader = Migrator.fromRecord({ "1_a": statements("CREATE TABLE capitals_a (id int)") })
+        assert.strictEqual((yield* Migrator.up({ loader, table })).length, 1)
+        assert.deepStrictEqual(yield* Migrator.up({ loader, table }), [])
+        assert.deepStrictEqual(
+          (yield* Migrator.status({ loader, table })).map((status) => status.state),
+          ["applied"]
+        )
+      })
+    )
+
+    it.effect("a migration that sends COMMIT or ROLLBACK itself fails and is recorded failed, not applied", () =>
+      Effect.gen(function* () {
+        for (const [n, control] of [
+          [1, "COMMIT"],
+          [2, "ROLLBACK"]
+        ] as const) {
+          const table = `m_control_${n}`
+          const loader = Effect.succeed([
+            [
+              1,
+              "control",
+              Effect.succeed({ up: statements(`CREATE TABLE control_${n} (id int)`, control, "SELECT 1") })
+            ]
+          ] as const)
+          const error = migrationError(yield* Effect.exit(Migrator.up({ loader, table })))
+          assert.strictEqual(error.reason, "Failed")
+          assert.match(error.message, /sent COMMIT or ROLLBACK itself, so it did not run as one transaction/)
+          assert.deepStrictEqual(
+            (yield* rowsOf(table)).map((row) => row.state),
+            ["failed"]
+          )
+          assert.strictEqual(
+            migrationError(yield* Effect.exit(Migrator.up({ loader, table }))).reason,
+            "PreviouslyFailed"
+          )
+        }
+      })
+    )
+
+    it.effect("a migration still running in another process is no problem while that process holds the lock", () =>
+      Effect.gen(function* () {
+        const table = "m_live"
+        const loader = Migrator.fromRecord({ "1_slow": statements("SELECT 1") })
+        yield* Migrator.up({ loader: Migrator.fromRecord({}), table })
+        const db = yield* TestDatabase.TestDatabase
+        yield* db.outside(`INSERT INTO ${table} (migration_id, name, state) VALUES (1, 'slow', 'running')`)
+        const holder = new pg.Client({ connectionString: db.url })
+        yield* Effect.promise(() => holder.connect())
+        yield* Effect.promise(() =>
+          holder.query("SELECT pg_advisory_lock(hashtextextended($1, 0))", [`effect-transaction/Migrator:${table}`])
+        )
+        const statuses = yield* Migrator.validate({ loader, table })
+        assert.deepStrictEqual(
+          statuses.map((status) => status.state),
+          ["running"]
+        )
+        yield* Effect.promise(() => holder.end())
+        const error = migrationError(yield* Effect.exit(Migrator.validate({ loader, table })))
+        assert.strictEqual(error.reason, "PreviouslyFailed")
+        assert.match(error.message, /never finished \(its process died\)/)
+      })
+    )
+
+    it.effect("a down outside a transaction that fails is recorded failed, so status no longer says up to date", () =>
+      Effect.gen(function* () {
+        const table = "m_down_fail"
+        const loader = Effect.succeed([
+          [
+            1,
+            "index",
+            Effect.succeed({
+              up: statements("CREATE TABLE down_fail_t (id int)"),
+              down: statements("DROP TABLE down_fail_t", "DROP TABLE down_fail_missing"),
+              transaction: false
+            })
+          ]
+        ] as const)
+        yield* Migrator.up({ loader, table })
+        const error = migrationError(yield* Effect.exit(Migrator.down({ loader, table })))
+        assert.strictEqual(error.reason, "Failed")
+        assert.match(error.message, /what it undid before failing stays/)
+        assert.notMatch(error.message, /\.\./)
+        assert.deepStrictEqual(
+          (yield* rowsOf(table)).map((row) => row.state),
+          ["failed"]
+        )
+      })
+    )
+
+    it.scoped("an empty down section is no down: down refuses instead of recording a revert that changed nothing", () =>
+      Effect.gen(function* () {
+        const table = "m_empty_down"
+        const dir = yield* directory({
+          "0001_widgets.sql":
+            "-- migrate:up\nCREATE TABLE empty_down_widgets (id int);\n-- migrate:down\n-- nothing yet\n"
+        })
+        const loader = Migrator.fromDirectory(dir)
+        yield* Migrator.up({ loader, table })
+        const error = migrationError(yield* Effect.exit(Migrator.down({ loader, table })))
+        assert.strictEqual(error.reason, "NoDown")
+        assert.isTrue(yield* tableExists("empty_down_widgets"))
+      })
+    )
+
+    it.effect("a migration that changes search_path does not move where runs are recorded", () =>
+      Effect.gen(function* () {
+        const table = "m_search_path"
+        yield* run("CREATE SCHEMA IF NOT EXISTS sp_other")
+        const loader = Migrator.fromRecord({
+          "1_path": statements("SET LOCAL search_path TO sp_other"),
+          "2_table": statements("CREATE TABLE sp_t (id int)")
+        })
+        yield* Migrator.up({ loader, table })
+        assert.deepStrictEqual(
+          (yield* rowsOf(`public.${table}`)).map((row) => row.migration_id),
+          [1, 2]
+        )
+      })
+    )
+
+    it.scoped("the directory loader names both files of a duplicate id, and skips test and declaration files", () =>
+      Effect.gen(function* () {
+        const table = "m_dup_files"
+        const dir = yield* directory({
+          "0001_a.sql": "-- migrate:up\nSELECT 1;\n",
+          "0001_a.ts": tsMigration("SELECT 1"),
+          "0002_b.test.ts": "throw new Error('a test file was imported')\n",
+          "0003_c.d.ts": "export {}\n"
+        })
+        const error = migrationError(yield* Effect.exit(Migrator.up({ loader: Migrator.fromDirectory(dir), table })))
+        assert.match(error.message, /Two migration files have id 1: 0001_a\.(sql|ts) and 0001_a\.(sql|ts)/)
+        fs.rmSync(path.join(dir, "0001_a.ts"))
+        const ran = yield* Migrator.up({ loader: Migrator.fromDirectory(dir), table })
+        assert.deepStrictEqual(
+          ran.map((migration) => migration.id),
+          [1]
+        )
       })
     )
   })

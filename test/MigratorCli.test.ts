@@ -161,6 +161,24 @@ describe("effect-transaction migrate (the built bin)", () => {
       })
     )
 
+    it.scoped("a migration that throws ends the command with code 1 and says which migration and why", () =>
+      Effect.gen(function* () {
+        const { url } = yield* TestDatabase.TestDatabase
+        const dir = yield* project(true)
+        fs.mkdirSync(path.join(dir, "migrations"))
+        fs.writeFileSync(
+          path.join(dir, "migrations", "0001_throws.ts"),
+          'import { Effect } from "effect"\nexport const up = Effect.gen(function* () { throw new Error("boom in migration") })\n'
+        )
+        const result = yield* cli(dir, ["migrate", "up", "--table", "cli_throws"], url)
+        assert.strictEqual(result.code, 1)
+        assert.match(
+          result.stderr,
+          /0001_throws \(migrations\/0001_throws\.ts\) failed and was rolled back.*boom in migration/
+        )
+      })
+    )
+
     it.scoped("a program runs the same commands in process, with its own database layer (MigratorCli.run)", () =>
       Effect.gen(function* () {
         const { url } = yield* TestDatabase.TestDatabase

@@ -11,9 +11,9 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Predicate from "effect/Predicate"
 import * as Schema from "effect/Schema"
-// The public module: its bodies are read at call time, never while the modules load.
-import * as Transaction from "../Transaction.js"
+import type * as Transaction from "../Transaction.js"
 import { classify, TransactionError } from "../TransactionError.js"
+import { withTransaction } from "./transaction.js"
 
 export const table = "effect_transaction_idempotency"
 
@@ -45,7 +45,7 @@ const ensureTable = () =>
       sql`SELECT pg_advisory_xact_lock(hashtextextended(${"effect-transaction/idempotency-table"}, 0))`,
       sql.unsafe(createTable)
     )
-  ).pipe(Effect.mapError(classify), Transaction.withTransaction())
+  ).pipe(Effect.mapError(classify), withTransaction)
 
 /** A stable JSON text of any value (object keys sorted), hashed: the fingerprint of a request. */
 const fingerprint = (request: unknown) => {
@@ -175,7 +175,7 @@ export const idempotent = <A, E, R, I, RA, EF, IF, RF>(
       )
     }
     // The effect runs in a block of its own: a terminal failure undoes its writes, and the outcome is recorded.
-    const outcome = yield* Effect.either(Transaction.withTransaction(self))
+    const outcome = yield* Effect.either(withTransaction(self))
     if (Either.isRight(outcome)) {
       const encoded = yield* Schema.encode(options.success)(outcome.right).pipe(
         Effect.mapError(
@@ -206,7 +206,7 @@ export const idempotent = <A, E, R, I, RA, EF, IF, RF>(
     )
     yield* record(sql, "failed", encoded)
     return outcome
-  }).pipe(Transaction.withTransaction())
+  }).pipe(withTransaction)
 
   const run = (retried: boolean): Effect.Effect<Either.Either<A, E | TransactionError>, unknown, unknown> =>
     Effect.catchIf(

@@ -41,12 +41,18 @@ export const checksumOf = (text: string) => createHash("sha256").update(text.rep
 
 const fileName = /^(\d+)_(.+)\.(ts|mts|js|mjs|sql)$/
 
-/** Parses a migration file name: `0007_add_ledger.ts` is id 7, name `add_ledger`. Declaration files are not. */
+/**
+ * Parses a migration file name: `0007_add_ledger.ts` is id 7, name `add_ledger`. Declaration files and test files
+ * (`*.test.ts`, `*.spec.ts`) are not migrations.
+ */
 export const parseFileName = (file: string) => {
-  if (file.endsWith(".d.ts") || file.endsWith(".d.mts")) return undefined
+  if (/\.d\.m?ts$/.test(file) || /\.(test|spec)\.m?[jt]s$/.test(file)) return undefined
   const match = fileName.exec(file)
   return match === null ? undefined : { id: Number(match[1]), name: match[2]!, extension: match[3]! }
 }
+
+/** The largest id the table's `integer` column holds. */
+export const maxId = 2_147_483_647
 
 const marker = /^--\s*migrate:(up|down)\b(.*)$/
 
@@ -56,18 +62,14 @@ const marker = /^--\s*migrate:(up|down)\b(.*)$/
  */
 export const parseSql = (text: string, file: string): SqlFile | Failure => {
   const sections: Record<string, Array<string>> = {}
+  const preamble: Array<string> = []
   let current: string | undefined
   let transaction = true
   for (const line of text.replace(/\r\n?/g, "\n").split("\n")) {
     const match = marker.exec(line.trim())
     if (match === null) {
       if (current !== undefined) sections[current]!.push(line)
-      else if (line.trim() !== "" && !line.trim().startsWith("--")) {
-        return {
-          reason: "InvalidFile",
-          message: `${file}: a statement stands before the first "-- migrate:up" line. Put every statement under "-- migrate:up" or "-- migrate:down".`
-        }
-      }
+      else preamble.push(line)
       continue
     }
     const [, section, rest] = match as unknown as [string, "up" | "down", string]
@@ -90,9 +92,24 @@ export const parseSql = (text: string, file: string): SqlFile | Failure => {
   if (sections.up === undefined) {
     return { reason: "InvalidFile", message: `${file}: no "-- migrate:up" line. A .sql migration starts with it.` }
   }
+  if (splitStatements(preamble.join("\n")).length > 0) {
+    return {
+      reason: "InvalidFile",
+      message: `${file}: a statement stands before the first "-- migrate:up" line. Put every statement under "-- migrate:up" or "-- migrate:down".`
+    }
+  }
+  const up = sections.up.join("\n").trim()
+  if (splitStatements(up).length === 0) {
+    return {
+      reason: "InvalidFile",
+      message: `${file}: the "-- migrate:up" section has no statement. Write the migration, or delete the file.`
+    }
+  }
+  const down = sections.down?.join("\n").trim()
   return {
-    up: sections.up.join("\n").trim(),
-    down: sections.down === undefined ? undefined : sections.down.join("\n").trim(),
+    up,
+    // A down section without statements is no down: reverting would record a revert that changed nothing.
+    down: down === undefined || splitStatements(down).length === 0 ? undefined : down,
     transaction
   }
 }
@@ -140,6 +157,22 @@ export const fromDirectory = (directory: string): SqlMigrator.Loader<FileSystem.
       const parsed = parseFileName(file)
       return parsed === undefined ? [] : [{ file, ...parsed }]
     })
+    files.sort((a, b) => a.id - b.id || a.file.localeCompare(b.file))
+    for (const { file, id } of files) {
+      const other = files.find((candidate) => candidate.id === id && candidate.file !== file)
+      if (other !== undefined) {
+        return yield* new SqlMigrator.MigrationError({
+          reason: "duplicates",
+          message: `Two migration files have id ${id}: ${[other.file, file].sort().join(" and ")}. Renumber one of them.`
+        })
+      }
+      if (id > maxId) {
+        return yield* new SqlMigrator.MigrationError({
+          reason: "bad-state",
+          message: `${file}: id ${id} is larger than the table's integer column holds (${maxId}). Use a smaller id.`
+        })
+      }
+    }
     const resolved = yield* Effect.forEach(files, ({ file, id, name, extension }) =>
       Effect.map(
         fs

@@ -71,6 +71,27 @@ const quoteIdentifier = (name: string) =>
     .map((part) => `"${part.replace(/"/g, '""')}"`)
     .join(".")
 
+/**
+ * The table's name with its schema: an unqualified name is resolved once, against the search path the migrator starts
+ * with, so that a migration that changes `search_path` cannot move where runs are recorded.
+ */
+const qualify = (sql: SqlClient.SqlClient, table: string) =>
+  table.includes(".")
+    ? Effect.succeed(table)
+    : Effect.map(
+        sql<{ schema: string | null }>`SELECT current_schema() AS schema`,
+        ([row]) => `${row?.schema ?? "public"}.${table}`
+      )
+
+const lockKey = (table: string) => `effect-transaction/Migrator:${table}`
+
+/** Whether another session holds the migration lock right now (a migration is in progress). */
+const lockHeld = (sql: SqlClient.SqlClient, table: string) =>
+  Effect.map(
+    sql<{ free: boolean }>`SELECT pg_try_advisory_xact_lock(hashtextextended(${lockKey(table)}, 0)) AS free`,
+    ([row]) => row?.free !== true
+  )
+
 /** Creates the table, or adds this library's columns to `@effect/sql`'s (nullable or defaulted, so it still reads it). */
 const ensureTable = (sql: SqlClient.SqlClient, table: string) =>
   Effect.gen(function* () {
@@ -80,7 +101,7 @@ const ensureTable = (sql: SqlClient.SqlClient, table: string) =>
       name text NOT NULL
     )`
     const present = yield* sql<{ column_name: string }>`SELECT attname AS column_name FROM pg_attribute
-      WHERE attrelid = to_regclass(${table}) AND attnum > 0 AND NOT attisdropped`
+      WHERE attrelid = to_regclass(${quoteIdentifier(table)}) AND attnum > 0 AND NOT attisdropped`
     const missing = addedColumns.filter(([column]) => !present.some((row) => row.column_name === column))
     if (missing.length > 0) {
       yield* sql.unsafe(
@@ -94,7 +115,9 @@ const ensureTable = (sql: SqlClient.SqlClient, table: string) =>
 /** The rows of the table, oldest id first; none when the table does not exist yet. */
 const readRows = (sql: SqlClient.SqlClient, table: string) =>
   Effect.gen(function* () {
-    const [exists] = yield* sql<{ present: boolean }>`SELECT to_regclass(${table}) IS NOT NULL AS present`
+    const [exists] = yield* sql<{
+      present: boolean
+    }>`SELECT to_regclass(${quoteIdentifier(table)}) IS NOT NULL AS present`
     if (exists?.present !== true) return [] as ReadonlyArray<Row>
     const rows = yield* sql<Record<string, unknown>>`SELECT * FROM ${sql(table)} ORDER BY migration_id`
     return rows.map(
@@ -157,7 +180,7 @@ const acquireLock = (
 ): Effect.Effect<void, MigrationError | SqlError, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
     const connection = yield* lockConnection
-    const key = `effect-transaction/Migrator:${table}`
+    const key = lockKey(table)
     const tryLock = Effect.map(
       connection.execute("SELECT pg_try_advisory_lock(hashtextextended($1, 0)) AS locked", [key], undefined),
       (rows) => rows[0]?.locked === true
@@ -202,7 +225,19 @@ const acquireLock = (
 const loadAll = <R>(loader: SqlMigrator.Loader<R>) =>
   Effect.gen(function* () {
     const resolved = yield* loader.pipe(
-      Effect.mapError((error) => new MigrationError({ reason: "ImportFailed", message: error.message, cause: error }))
+      Effect.mapError(
+        (error) =>
+          new MigrationError({
+            reason:
+              error.reason === "duplicates"
+                ? "DuplicateId"
+                : error.reason === "bad-state"
+                  ? "InvalidFile"
+                  : "ImportFailed",
+            message: error.message,
+            cause: error
+          })
+      )
     )
     const seen = new Map<number, string>()
     for (const [id, name] of resolved) {
@@ -286,7 +321,8 @@ const problemOf = (
   status: Migrator.MigrationStatus,
   statuses: ReadonlyArray<Migrator.MigrationStatus>,
   table: string,
-  allowOutOfOrder: boolean
+  allowOutOfOrder: boolean,
+  inProgress = false
 ): MigrationError | undefined => {
   const migration = { id: status.id, name: status.name }
   const name = status.file === undefined ? label(status) : `${label(status)} (${status.file})`
@@ -325,6 +361,7 @@ const problemOf = (
       })
     case "failed":
     case "running":
+      if (status.state === "running" && inProgress) return undefined
       return new MigrationError({
         reason: "PreviouslyFailed",
         message:
@@ -340,10 +377,11 @@ const problemOf = (
 const problemsOf = (
   statuses: ReadonlyArray<Migrator.MigrationStatus>,
   table: string,
-  allowOutOfOrder: boolean
+  allowOutOfOrder: boolean,
+  inProgress = false
 ): ReadonlyArray<MigrationError> =>
   statuses.flatMap((status) => {
-    const problem = problemOf(status, statuses, table, allowOutOfOrder)
+    const problem = problemOf(status, statuses, table, allowOutOfOrder, inProgress)
     return problem === undefined ? [] : [problem]
   })
 
@@ -369,57 +407,78 @@ const isLockTimeout = (error: unknown) =>
   (Predicate.isTagged(error, "SqlError") || error instanceof TransactionError.TransactionError) &&
   TransactionError.classify(error).reason === "LockTimeout"
 
-const failed = (migration: Migration, transaction: boolean) => (error: unknown) => {
-  const detail =
-    Predicate.isTagged(error, "SqlError") || error instanceof TransactionError.TransactionError
-      ? TransactionError.classify(error).message
-      : error instanceof Error
-        ? error.message
-        : String(error)
+type Direction = "up" | "down"
+
+const detailOf = (error: unknown) =>
+  (Predicate.isTagged(error, "SqlError") || error instanceof TransactionError.TransactionError
+    ? TransactionError.classify(error).message
+    : error instanceof Error
+      ? error.message
+      : String(error)
+  ).replace(/\.$/, "")
+
+const failed = (migration: Migration, transaction: boolean, direction: Direction) => (error: unknown) => {
+  const what = direction === "up" ? `Migration ${describe(migration)}` : `Reverting ${describe(migration)}`
   return new MigrationError({
     reason: "Failed",
     message: transaction
-      ? `Migration ${describe(migration)} failed and was rolled back; nothing of it is applied: ${detail}`
-      : `Migration ${describe(migration)} failed outside a transaction; what it did before failing stays: ${detail}. ` +
-        "It is recorded as failed: inspect the schema, then delete its row to run it again.",
+      ? `${what} failed and was rolled back; nothing of it is ${direction === "up" ? "applied" : "reverted"}: ${detailOf(error)}.`
+      : direction === "up"
+        ? `${what} failed outside a transaction; what it did before failing stays: ${detailOf(error)}. It is ` +
+          "recorded as failed: inspect the schema, then delete its row to run it again."
+        : `${what} failed outside a transaction; what it undid before failing stays: ${detailOf(error)}. It is ` +
+          "recorded as failed: complete the revert by hand and delete its row, or redo what was undone and set its " +
+          "state to 'applied'.",
     migration: { id: migration.id, name: migration.name },
     cause: error
   })
 }
 
+/** A migration that sent COMMIT or ROLLBACK itself: what ran before that may be committed. */
+class EndedItsTransaction {
+  readonly _tag = "EndedItsTransaction"
+}
+
 const elapsed = (start: number) => Effect.map(Clock.currentTimeMillis, (now) => Math.round(now - start))
 
-const applyOne = (
+/**
+ * Runs one direction of a migration and records it: in a transaction that also writes its row (retried when a lock
+ * is not granted within lockTimeout), or outside one, its row marked `failed` when it fails. A defect of the
+ * migration is a failure like any other. A migration that ends its transaction itself is caught: it is recorded as
+ * failed, since part of it may be committed.
+ */
+const runStep = (
   sql: SqlClient.SqlClient,
-  table: string,
   options: Migrator.Options<unknown>,
   migration: Migration,
-  batch: number
+  direction: Direction,
+  rows: {
+    readonly before?: Effect.Effect<unknown, SqlError> | undefined
+    readonly done: (durationMillis: number) => Effect.Effect<unknown, SqlError>
+    readonly failed: Effect.Effect<unknown, SqlError>
+  }
 ): Effect.Effect<Migrator.Ran, MigrationError | SqlError, SqlClient.SqlClient> => {
-  const record = (state: "applied" | "running", durationMillis: number | null) =>
-    sql`INSERT INTO ${sql(table)} ${sql.insert({
-      migration_id: migration.id,
-      name: migration.name,
-      checksum: migration.checksum ?? null,
-      state,
-      batch,
-      duration_ms: durationMillis
-    })}`
+  const effect = Effect.catchAllDefect(direction === "up" ? migration.up : migration.down!, (defect) =>
+    Effect.fail(defect)
+  )
   const ran = (durationMillis: number): Migrator.Ran => ({
     id: migration.id,
     name: migration.name,
     transaction: migration.transaction,
     durationMillis,
-    outcome: "applied"
+    outcome: direction === "up" ? "applied" : "reverted"
   })
-  return Effect.logInfo(`Applying ${label(migration)}`).pipe(
+  const xid = Effect.map(sql<{ xid: string }>`SELECT txid_current()::text AS xid`, ([row]) => row?.xid)
+  return Effect.logInfo(`${direction === "up" ? "Applying" : "Reverting"} ${label(migration)}`).pipe(
     Effect.zipRight(Clock.currentTimeMillis),
     Effect.flatMap((start) =>
       migration.transaction
         ? Effect.gen(function* () {
-            yield* migration.up
+            const before = yield* xid
+            yield* effect
+            if ((yield* xid) !== before) return yield* Effect.fail(new EndedItsTransaction())
             const duration = yield* elapsed(start)
-            yield* record("applied", duration)
+            yield* rows.done(duration)
             return ran(duration)
           }).pipe(
             Transaction.withTransaction({ lockTimeout: options.lockTimeout ?? defaults.lockTimeout }),
@@ -429,23 +488,70 @@ const applyOne = (
                 Schedule.intersect(Schedule.recurs(options.lockRetries ?? defaults.lockRetries))
               )
             }),
-            Effect.mapError(failed(migration, true))
+            Effect.catchIf(
+              (error): error is EndedItsTransaction => error instanceof EndedItsTransaction,
+              () =>
+                Effect.zipRight(
+                  Effect.ignore(rows.failed),
+                  Effect.fail(
+                    new MigrationError({
+                      reason: "Failed",
+                      message:
+                        `${direction === "up" ? "Migration" : "Reverting"} ${describe(migration)} sent COMMIT or ` +
+                        "ROLLBACK itself, so it did not run as one transaction: what ran before that may be " +
+                        "committed. It is recorded as failed: inspect the schema, then delete its row to run it " +
+                        "again. Take COMMIT and ROLLBACK out of it, or mark it to run outside a transaction.",
+                      migration: { id: migration.id, name: migration.name }
+                    })
+                  )
+                )
+            ),
+            Effect.mapError((error) =>
+              error instanceof MigrationError ? error : failed(migration, true, direction)(error)
+            )
           )
         : Effect.gen(function* () {
-            yield* record("running", null)
-            yield* Effect.onExit(Effect.mapError(migration.up, failed(migration, false)), (exit) =>
-              Exit.isSuccess(exit)
-                ? Effect.void
-                : Effect.ignore(sql`UPDATE ${sql(table)} SET state = 'failed' WHERE migration_id = ${migration.id}`)
+            if (rows.before !== undefined) yield* rows.before
+            yield* Effect.onExit(Effect.mapError(effect, failed(migration, false, direction)), (exit) =>
+              Exit.isSuccess(exit) ? Effect.void : Effect.ignore(rows.failed)
             )
             const duration = yield* elapsed(start)
-            yield* sql`UPDATE ${sql(table)} SET state = 'applied', duration_ms = ${duration}, created_at = now()
-              WHERE migration_id = ${migration.id}`
+            yield* rows.done(duration)
             return ran(duration)
           })
     )
   )
 }
+
+const applyOne = (
+  sql: SqlClient.SqlClient,
+  table: string,
+  options: Migrator.Options<unknown>,
+  migration: Migration,
+  batch: number
+) => {
+  const insert = (state: "applied" | "running" | "failed", durationMillis: number | null) =>
+    sql`INSERT INTO ${sql(table)} ${sql.insert({
+      migration_id: migration.id,
+      name: migration.name,
+      checksum: migration.checksum ?? null,
+      state,
+      batch,
+      duration_ms: durationMillis
+    })} ON CONFLICT (migration_id) DO UPDATE SET state = excluded.state, duration_ms = excluded.duration_ms,
+      created_at = now()`
+  return runStep(sql, options, migration, "up", {
+    before: insert("running", null),
+    done: (duration) => insert("applied", duration),
+    failed: insert("failed", null)
+  })
+}
+
+const revertOne = (sql: SqlClient.SqlClient, table: string, options: Migrator.Options<unknown>, migration: Migration) =>
+  runStep(sql, options, migration, "down", {
+    done: () => sql`DELETE FROM ${sql(table)} WHERE migration_id = ${migration.id}`,
+    failed: sql`UPDATE ${sql(table)} SET state = 'failed' WHERE migration_id = ${migration.id}`
+  })
 
 class DryRunDone {
   constructor(readonly ran: ReadonlyArray<Migrator.Ran>) {}
@@ -459,7 +565,14 @@ const dryRun = (pending: ReadonlyArray<Migration>) =>
       migration.transaction
         ? Effect.gen(function* () {
             const start = yield* Clock.currentTimeMillis
-            yield* migration.up.pipe(Transaction.withTransaction(), Effect.mapError(failed(migration, true)))
+            yield* migration.up.pipe(
+              Effect.catchAllDefect((defect) => Effect.fail(defect)),
+              Transaction.withTransaction(),
+              Effect.mapError((error) => {
+                const failure = failed(migration, true, "up")(error)
+                return new MigrationError({ ...failure, message: `Dry run: ${failure.message}` })
+              })
+            )
             return {
               id: migration.id,
               name: migration.name,
@@ -511,12 +624,13 @@ export const up = <R>(
 ): Effect.Effect<ReadonlyArray<Migrator.Ran>, MigrationError | SqlError, SqlClient.SqlClient | R> =>
   Effect.gen(function* () {
     const sql = yield* withoutTransforms
-    const table = options.table ?? defaults.table
+    const name = options.table ?? defaults.table
     const migrations = yield* loadAll(options.loader)
     return yield* withLock(
-      table,
+      name,
       options,
       Effect.gen(function* () {
+        const table = yield* qualify(sql, name)
         if (options.dryRun !== true) yield* ensureTable(sql, table)
         const rows = yield* readRows(sql, table)
         yield* checkTarget(migrations, options.to, rows)
@@ -538,7 +652,7 @@ export const down = <R>(
 ): Effect.Effect<ReadonlyArray<Migrator.Ran>, MigrationError | SqlError, SqlClient.SqlClient | R> =>
   Effect.gen(function* () {
     const sql = yield* withoutTransforms
-    const table = options.table ?? defaults.table
+    const name = options.table ?? defaults.table
     if (options.step !== undefined && options.to !== undefined) {
       return yield* new MigrationError({
         reason: "InvalidTarget",
@@ -553,13 +667,19 @@ export const down = <R>(
     }
     const migrations = yield* loadAll(options.loader)
     return yield* withLock(
-      table,
+      name,
       options,
       Effect.gen(function* () {
+        const table = yield* qualify(sql, name)
         const rows = yield* readRows(sql, table)
         yield* checkTarget(migrations, options.to, rows)
         const newestFirst = [...rows].reverse()
-        const lastBatch = newestFirst[0]?.batch
+        // The last batch is the highest batch number (an out-of-order migration has a lower id but a later batch);
+        // rows written by @effect/sql's Migrator have none, and go one at a time.
+        const lastBatch = rows.reduce<number | undefined>(
+          (max, row) => (row.batch !== undefined && (max === undefined || row.batch > max) ? row.batch : max),
+          undefined
+        )
         const range =
           options.step !== undefined
             ? newestFirst.slice(0, options.step)
@@ -578,7 +698,7 @@ export const down = <R>(
             return [
               new MigrationError({
                 reason: "NoDown",
-                message: `${describe(files.get(row.id)!)} has no down migration, so it cannot be reverted. Add one (export const down = ..., or a "-- migrate:down" section), or revert fewer migrations.`,
+                message: `${describe(files.get(row.id)!)} has no down migration, so it cannot be reverted. Add one (export const down = ..., or a "-- migrate:down" section with statements), or revert fewer migrations.`,
                 migration: { id: row.id, name: row.name }
               })
             ]
@@ -586,39 +706,7 @@ export const down = <R>(
           return []
         })
         yield* failOnProblems(problems)
-        return yield* Effect.forEach(range, (row) => {
-          const migration = files.get(row.id)!
-          const revert = Effect.gen(function* () {
-            const start = yield* Clock.currentTimeMillis
-            yield* migration.down!
-            yield* sql`DELETE FROM ${sql(table)} WHERE migration_id = ${migration.id}`
-            return {
-              id: migration.id,
-              name: migration.name,
-              transaction: migration.transaction,
-              durationMillis: yield* elapsed(start),
-              outcome: "reverted"
-            } satisfies Migrator.Ran
-          })
-          return Effect.logInfo(`Reverting ${label(migration)}`).pipe(
-            Effect.zipRight(
-              migration.transaction
-                ? revert.pipe(
-                    Transaction.withTransaction({ lockTimeout: options.lockTimeout ?? defaults.lockTimeout }),
-                    Effect.retry({
-                      while: isLockTimeout,
-                      schedule: Schedule.exponential("250 millis").pipe(
-                        Schedule.intersect(Schedule.recurs(options.lockRetries ?? defaults.lockRetries))
-                      )
-                    })
-                  )
-                : revert
-            ),
-            Effect.mapError((error) =>
-              error instanceof MigrationError ? error : failed(migration, migration.transaction)(error)
-            )
-          )
-        })
+        return yield* Effect.forEach(range, (row) => revertOne(sql, table, options, files.get(row.id)!))
       })
     )
   })
@@ -626,20 +714,36 @@ export const down = <R>(
 export const status = <R>(
   options: Migrator.Options<R>
 ): Effect.Effect<ReadonlyArray<Migrator.MigrationStatus>, MigrationError | SqlError, SqlClient.SqlClient | R> =>
+  Effect.map(statusWithLock(options), ({ statuses }) => statuses)
+
+/** The statuses, and whether a migration is in progress right now (the lock is held). */
+const statusWithLock = <R>(options: Migrator.Options<R>) =>
   Effect.gen(function* () {
     const sql = yield* withoutTransforms
+    const name = options.table ?? defaults.table
     const migrations = yield* loadAll(options.loader)
-    return statusesOf(migrations, yield* readRows(sql, options.table ?? defaults.table))
+    const table = yield* qualify(sql, name)
+    const statuses = statusesOf(migrations, yield* readRows(sql, table))
+    const inProgress = statuses.some((status) => status.state === "running") ? yield* lockHeld(sql, name) : false
+    return { statuses, inProgress, table }
   })
 
 export const validate = <R>(
   options: Migrator.Options<R>
 ): Effect.Effect<ReadonlyArray<Migrator.MigrationStatus>, MigrationError | SqlError, SqlClient.SqlClient | R> =>
   Effect.gen(function* () {
-    const statuses = yield* status(options)
-    yield* failOnProblems(problemsOf(statuses, options.table ?? defaults.table, options.allowOutOfOrder === true))
+    const { statuses, inProgress, table } = yield* statusWithLock(options)
+    yield* failOnProblems(problemsOf(statuses, table, options.allowOutOfOrder === true, inProgress))
     return statuses
   })
+
+/** `status` with its problems, for the command line. */
+export const report = <R>(options: Migrator.Options<R>) =>
+  Effect.map(statusWithLock(options), ({ statuses, inProgress, table }) => ({
+    statuses,
+    inProgress,
+    problems: problemsOf(statuses, table, options.allowOutOfOrder === true, inProgress)
+  }))
 
 export const problems = (
   statuses: ReadonlyArray<Migrator.MigrationStatus>,

@@ -13,6 +13,7 @@ import * as ValidationError from "@effect/cli/ValidationError"
 import * as FileSystem from "@effect/platform/FileSystem"
 import * as Path from "@effect/platform/Path"
 import type * as SqlClient from "@effect/sql/SqlClient"
+import * as Cause from "effect/Cause"
 import * as Console from "effect/Console"
 import * as Data from "effect/Data"
 import * as Effect from "effect/Effect"
@@ -23,6 +24,7 @@ import type * as Redacted from "effect/Redacted"
 import * as Migrator from "../Migrator.js"
 import type * as MigratorCli from "../MigratorCli.js"
 import { parseFileName } from "./migrationFiles.js"
+import { report as migratorReport } from "./migrator.js"
 
 /** Ends the program with `code`, after `message` (already printed, or printed by the runner). */
 export class Exit extends Data.TaggedError("MigratorCliExit")<{ readonly code: number; readonly message: string }> {}
@@ -71,13 +73,13 @@ const loaderFor = (directory: string) =>
 
 const pad = (text: string, width: number) => text.padEnd(width)
 
-const statusTable = (statuses: ReadonlyArray<Migrator.MigrationStatus>) => {
+const statusTable = (statuses: ReadonlyArray<Migrator.MigrationStatus>, inProgress: boolean) => {
   const rows = [
     ["id", "name", "state", "applied at"],
     ...statuses.map((status) => [
       String(status.id).padStart(4, "0"),
       status.name,
-      status.state,
+      status.state === "running" && inProgress ? "running (in progress)" : status.state,
       status.appliedAt === undefined ? "" : status.appliedAt.toISOString()
     ])
   ]
@@ -104,7 +106,10 @@ const ranLine = (ran: Migrator.Ran) => {
   }`
 }
 
-/** The template of `migrate new`. */
+/**
+ * The template of `migrate new`. Until it is written, a migration fails (its SQL sections are empty; its TypeScript
+ * up and down fail), so an unwritten one is never recorded as applied or reverted.
+ */
 const template = (sql: boolean) =>
   sql
     ? "-- migrate:up\n\n\n-- migrate:down\n\n"
@@ -113,12 +118,12 @@ import { Effect } from "effect"
 
 export const up = Effect.gen(function* () {
   const sql = yield* SqlClient.SqlClient
-  yield* sql\`SELECT 1\`
+  return yield* Effect.fail(new Error("up is not written yet: replace this line, e.g. with yield* sql\`CREATE TABLE ...\`"))
 })
 
 export const down = Effect.gen(function* () {
   const sql = yield* SqlClient.SqlClient
-  yield* sql\`SELECT 1\`
+  return yield* Effect.fail(new Error("down is not written yet: replace this line, e.g. with yield* sql\`DROP TABLE ...\`"))
 })
 `
 
@@ -211,13 +216,12 @@ export const makeCommand = <E>(options: MigratorCli.Options<E>) => {
 
   /** Prints the table and the problems; ends with 0 (up to date), 1 (pending) or 2 (a problem). */
   const report = (config: Shared, check: boolean) =>
-    withDatabase(config, (base) =>
-      Effect.map(Migrator.status(base), (statuses) => ({ statuses, problems: Migrator.problems(statuses, base) }))
-    ).pipe(
-      Effect.flatMap(({ statuses, problems }) =>
+    withDatabase(config, (base) => migratorReport(base)).pipe(
+      Effect.flatMap(({ statuses, problems, inProgress }) =>
         Effect.gen(function* () {
-          if (!check || problems.length > 0)
-            yield* Console.log(statuses.length === 0 ? "No migrations." : statusTable(statuses))
+          if (!check || problems.length > 0) {
+            yield* Console.log(statuses.length === 0 ? "No migrations." : statusTable(statuses, inProgress))
+          }
           const pending = statuses.filter((status) => status.state === "pending").length
           if (problems.length > 0) {
             return yield* new Exit({
@@ -225,8 +229,13 @@ export const makeCommand = <E>(options: MigratorCli.Options<E>) => {
               message: `\n${problems.length} problem${problems.length === 1 ? "" : "s"}:\n${problems.map((problem) => `- ${problem.message}`).join("\n")}`
             })
           }
-          if (pending > 0) {
-            return yield* new Exit({ code: 1, message: `\n${pending} migration${pending === 1 ? "" : "s"} pending.` })
+          if (pending > 0 || inProgress) {
+            return yield* new Exit({
+              code: 1,
+              message: inProgress
+                ? "\nAnother process is migrating right now."
+                : `\n${pending} migration${pending === 1 ? "" : "s"} pending.`
+            })
           }
           yield* Console.log(check ? "Migrations are valid and up to date." : "\nUp to date.")
         })
@@ -318,5 +327,11 @@ export const run =
                   ? 1
                   : 2
               )
+      ),
+      // A defect (a bug, here or in a migration) still ends with a message and a code, never silently.
+      Effect.catchAllCause((cause) =>
+        Cause.isInterruptedOnly(cause)
+          ? Effect.failCause(cause)
+          : Effect.as(Console.error(`Unexpected failure:\n${Cause.pretty(cause)}`), 2)
       )
     )
