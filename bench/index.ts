@@ -11,6 +11,7 @@ import { PgClient } from "@effect/sql-pg"
 import { Cause, Effect, Layer, Redacted } from "effect"
 import { EmbeddedPostgres, Transaction, TransactionError } from "effect-transaction"
 import pg from "pg"
+import { idempotencyCost } from "./idempotency.js"
 import { testIsolation } from "./isolation.js"
 
 const quick = process.argv.includes("--quick")
@@ -239,6 +240,9 @@ const main = Effect.gen(function* () {
   console.log(lines.join("\n"))
   yield* sql`DROP TABLE bench_items`
   if (only === undefined || "contended bank".includes(only)) yield* contendedBank
+  if (only === undefined || "idempotency".includes(only)) {
+    yield* idempotencyCost({ rounds, transactions: quick ? 50 : 300 })
+  }
   if (only === undefined || "test isolation".includes(only)) {
     yield* testIsolation(
       quick ? { tests: 100, templateTests: 5, rounds: 1 } : { tests: 1000, templateTests: 30, rounds: 3 }

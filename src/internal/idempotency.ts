@@ -174,8 +174,11 @@ export const idempotent = <A, E, R, I, RA, EF, IF, RF>(
         )) as unknown as E
       )
     }
-    // The effect runs in a block of its own: a terminal failure undoes its writes, and the outcome is recorded.
-    const outcome = yield* Effect.either(withTransaction(self))
+    // With a failure schema the effect runs in a block of its own, so that a final failure undoes its writes and
+    // is still recorded; without one, any failure rolls the whole transaction back, and the block is not needed.
+    const body: Effect.Effect<A, E | TransactionError, R | SqlClient.SqlClient> =
+      options.failure === undefined ? self : withTransaction(self)
+    const outcome = yield* Effect.either(body)
     if (Either.isRight(outcome)) {
       const encoded = yield* Schema.encode(options.success)(outcome.right).pipe(
         Effect.mapError(
