@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { splitStatements } from "../src/internal/sqlScan.js"
+import { splitStatements, transactionControlOf } from "../src/internal/sqlScan.js"
 
 describe("splitting SQL into statements", () => {
   const cases: ReadonlyArray<readonly [string, ReadonlyArray<string>]> = [
@@ -25,6 +25,29 @@ describe("splitting SQL into statements", () => {
   for (const [sql, statements] of cases) {
     it(`splits ${JSON.stringify(sql)}`, () => {
       assert.deepStrictEqual(splitStatements(sql), statements)
+    })
+  }
+})
+
+describe("finding transaction control statements", () => {
+  const cases: ReadonlyArray<readonly [string, string | undefined]> = [
+    ["COMMIT", "COMMIT"],
+    ["select 1; commit", "COMMIT"],
+    ["SELECT E'it\\'s'; COMMIT", "COMMIT"],
+    ["SELECT $a1$'$a1$; COMMIT; SELECT ''", "COMMIT"],
+    ["/* /* */ COMMIT */ SELECT 1", undefined],
+    ["/* x */ ROLLBACK", "ROLLBACK"],
+    ["ROLLBACK TO SAVEPOINT a", undefined],
+    ["SELECT 'COMMIT'", undefined],
+    ["SELECT U&'\\0041'; end", "END"],
+    ["-- COMMIT\nSELECT 1", undefined],
+    ["start   transaction", "START TRANSACTION"],
+    ["SELECT commit_ts FROM t", undefined],
+    ['SELECT "commit"; ABORT', "ABORT"]
+  ]
+  for (const [sql, control] of cases) {
+    it(`${JSON.stringify(sql)} -> ${control}`, () => {
+      assert.strictEqual(transactionControlOf(sql), control)
     })
   }
 })

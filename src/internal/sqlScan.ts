@@ -133,3 +133,23 @@ export const splitStatements = (text: string): ReadonlyArray<string> => {
   end()
   return statements
 }
+
+const controlKeywords = /^(COMMIT|END|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION|ROLLBACK(?!\s+TO\b))\b/i
+
+/**
+ * The transaction control statement among the statements of `text` (COMMIT, END, ABORT, BEGIN, START TRANSACTION,
+ * PREPARE TRANSACTION, ROLLBACK but not ROLLBACK TO), if any, upper-cased: such a statement ends or opens a
+ * transaction behind the back of whoever owns the connection. Keywords inside literals and comments do not count.
+ */
+export const transactionControlOf = (text: string): string | undefined => {
+  for (const statement of splitStatements(text)) {
+    const code = spans(statement)
+      .filter((span) => span.kind !== "comment")
+      .map((span) => span.text)
+      .join(" ")
+      .trimStart()
+    const keyword = controlKeywords.exec(code)
+    if (keyword !== null) return keyword[1]!.replace(/\s+/g, " ").toUpperCase()
+  }
+  return undefined
+}
