@@ -6,25 +6,16 @@ import { SqlClient } from "@effect/sql"
 import * as SqlMigrator from "@effect/sql/Migrator"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
-import { Cause, Effect, Exit, Layer, Option, Redacted } from "effect"
+import { Effect, type Exit, Layer, Redacted } from "effect"
 import { Migrator, TestTransaction, Transaction } from "effect-transaction"
 import pg from "pg"
+import { typedFailure } from "./utils/fixtures.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 const Db = Layer.mergeAll(TestDatabase.layer(), NodeContext.layer)
 
 /** The MigrationError an exit failed with (fails the test otherwise). */
-const migrationError = <A, E>(exit: Exit.Exit<A, E>): Migrator.MigrationError => {
-  assert.isTrue(Exit.isFailure(exit), "expected a failure")
-  const failure = Exit.isFailure(exit) ? Cause.failureOption(exit.cause) : Option.none()
-  assert.isTrue(
-    Option.isSome(failure),
-    `expected a typed failure, got ${Exit.isFailure(exit) ? Cause.pretty(exit.cause) : ""}`
-  )
-  const error = Option.getOrThrow(failure)
-  assert.instanceOf(error, Migrator.MigrationError)
-  return error as Migrator.MigrationError
-}
+const migrationError = <A, E>(exit: Exit.Exit<A, E>) => typedFailure(exit, Migrator.MigrationError)
 
 const run = (statement: string) => Effect.flatMap(SqlClient.SqlClient, (sql) => sql.unsafe(statement))
 

@@ -36,8 +36,9 @@ export const idleInTransaction = Effect.flatMap(TestDatabase.TestDatabase, (db) 
   )
 )
 
-/** The typed `TransactionError` an exit failed with (fails the test otherwise). */
-export const transactionError = <A, E>(exit: Exit.Exit<A, E>): TransactionError.TransactionError => {
+/** The typed failure, an instance of `type`, an exit failed with (fails the test otherwise). */
+// biome-ignore lint/suspicious/noExplicitAny: any constructor, as assert.instanceOf takes it
+export const typedFailure = <A, E, T>(exit: Exit.Exit<A, E>, type: new (...args: Array<any>) => T): T => {
   assert.isTrue(Exit.isFailure(exit), "expected a failure")
   const failure = Exit.isFailure(exit) ? Cause.failureOption(exit.cause) : Option.none()
   assert.isTrue(
@@ -45,9 +46,13 @@ export const transactionError = <A, E>(exit: Exit.Exit<A, E>): TransactionError.
     `expected a typed failure, got ${Exit.isFailure(exit) ? Cause.pretty(exit.cause) : ""}`
   )
   const error = Option.getOrThrow(failure)
-  assert.instanceOf(error, TransactionError.TransactionError)
-  return error as TransactionError.TransactionError
+  assert.instanceOf(error, type)
+  return error as T
 }
+
+/** The typed `TransactionError` an exit failed with (fails the test otherwise). */
+export const transactionError = <A, E>(exit: Exit.Exit<A, E>): TransactionError.TransactionError =>
+  typedFailure(exit, TransactionError.TransactionError)
 
 /** A real serialization failure (SQLSTATE 40001) raised by the database. */
 export const serializationFailure = Effect.flatMap(SqlClient.SqlClient, (sql) =>
