@@ -702,16 +702,23 @@ export const tryAdvisoryLock = (
  * ```
  */
 export interface IdempotentOptions<A, I, RA, EF, IF, RF> {
-  /** Names the request: calls with the same key (in the same scope) run the effect once. */
+  /** Names the request: calls with the same key (in the same scope) run the effect once. At most 2,000 bytes. */
   readonly key: string
-  /** Encodes the result to store it, and decodes it for every later call. */
+  /**
+   * Encodes the result to store it (as JSON: use schemas that encode to JSON, such as `Schema.Date` rather than
+   * `Schema.DateFromSelf`), and decodes it for every later call.
+   */
   readonly success: Schema.Schema<A, I, RA>
   /**
-   * The typed failures that are final: recorded (the effect's writes rolled back) and replayed to later calls.
-   * Other failures, defects, interruptions and retryable errors record nothing: the next call runs the effect.
+   * The typed failures that are final: recorded (the effect's writes rolled back) and replayed to later calls, as
+   * this schema decodes them (so they join the error channel). Other failures, defects, interruptions and retryable
+   * errors record nothing: the next call runs the effect. Like `success`, it must encode to JSON.
    */
   readonly failure?: Schema.Schema<EF, IF, RF> | undefined
-  /** Any value describing the request (hashed): the same key with a different request fails with `KeyReused`. */
+  /**
+   * Any value describing the request, fingerprinted (kinds included: a Date differs from its ISO string): the same
+   * key with a different request fails with `KeyReused`. Functions, symbols and cycles cannot be fingerprinted.
+   */
   readonly request?: unknown
   /** A namespace for keys, e.g. per endpoint. Default `"default"`. */
   readonly scope?: string | undefined
@@ -745,11 +752,11 @@ export const idempotent: {
     options: IdempotentOptions<A, I, RA, EF, IF, RF>
   ): <A2 extends A, E, R>(
     self: Effect.Effect<A2, E, R>
-  ) => Effect.Effect<A, E | TransactionError, Exclude<R, Current> | RA | RF | SqlClient.SqlClient>
+  ) => Effect.Effect<A, E | EF | TransactionError, Exclude<R, Current> | RA | RF | SqlClient.SqlClient>
   <A2 extends A, E, R, A, I, RA, EF = never, IF = never, RF = never>(
     self: Effect.Effect<A2, E, R>,
     options: IdempotentOptions<A, I, RA, EF, IF, RF>
-  ): Effect.Effect<A, E | TransactionError, Exclude<R, Current> | RA | RF | SqlClient.SqlClient>
+  ): Effect.Effect<A, E | EF | TransactionError, Exclude<R, Current> | RA | RF | SqlClient.SqlClient>
 } = dual(
   2,
   <A, E, R, I, RA, EF, IF, RF>(self: Effect.Effect<A, E, R>, options: IdempotentOptions<A, I, RA, EF, IF, RF>) =>

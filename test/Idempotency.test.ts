@@ -329,5 +329,138 @@ describe("Transaction.idempotent", () => {
         }
       })
     )
+
+    it.effect(
+      "at repeatable read, a call that waited on the key never runs the effect: it fails retryably, then replays",
+      () =>
+        Effect.gen(function* () {
+          yield* bodies
+          let runs = 0
+          const release = yield* Deferred.make<void>()
+          const holding = yield* Deferred.make<void>()
+          const call = (first: boolean) =>
+            Effect.zipRight(
+              Effect.sync(() => runs++),
+              first ? Effect.zipRight(Deferred.succeed(holding, undefined), Deferred.await(release)) : Effect.void
+            ).pipe(
+              Effect.zipRight(body("rr")),
+              Transaction.idempotent({ key: "rr", success: Schema.String }),
+              Transaction.withTransaction({ isolation: "repeatable read" })
+            )
+          const first = yield* Effect.fork(call(true))
+          yield* Deferred.await(holding)
+          const waiter = yield* Effect.fork(Effect.exit(call(false)))
+          yield* Effect.sleep("200 millis")
+          yield* Deferred.succeed(release, undefined)
+          const recorded = yield* Fiber.join(first)
+          const error = failureOf(yield* Fiber.join(waiter)) as TransactionError.TransactionError
+          assert.strictEqual(error.reason, "SerializationFailure")
+          assert.strictEqual(runs, 1, "the waiter did not run the effect")
+          const again = yield* call(false)
+          assert.strictEqual(again, recorded)
+          assert.strictEqual(runs, 1)
+        })
+    )
+
+    it.effect("retryable errors are not recorded even when the failure schema would accept them", () =>
+      Effect.gen(function* () {
+        yield* bodies
+        const exit = yield* Effect.exit(
+          Effect.zipRight(body("transient"), Effect.as(serializationFailure, "x")).pipe(
+            Transaction.idempotent({ key: "transient", success: Schema.String, failure: Schema.Unknown })
+          )
+        )
+        assert.isTrue(Exit.isFailure(exit))
+        assert.deepStrictEqual(yield* records, [])
+      })
+    )
+
+    it.effect(
+      "a result whose encoded form is not JSON fails with InvalidOption, commits nothing and records nothing",
+      () =>
+        Effect.gen(function* () {
+          yield* bodies
+          const cases: ReadonlyArray<Effect.Effect<unknown, unknown, SqlClient.SqlClient>> = [
+            Effect.map(body("json-1"), () => new Date(0)).pipe(
+              Transaction.idempotent({ key: "json-1", success: Schema.DateFromSelf })
+            ),
+            Effect.map(body("json-2"), () => 1n).pipe(
+              Transaction.idempotent({ key: "json-2", success: Schema.BigIntFromSelf })
+            ),
+            Effect.map(body("json-3"), () => Number.POSITIVE_INFINITY).pipe(
+              Transaction.idempotent({ key: "json-3", success: Schema.Number })
+            )
+          ]
+          for (const call of cases) {
+            const error = failureOf(yield* Effect.exit(call)) as TransactionError.TransactionError
+            assert.strictEqual(error.reason, "InvalidOption")
+            assert.match(error.message, /JSON/)
+          }
+          assert.strictEqual(yield* committedBodies(), 0)
+          assert.deepStrictEqual(yield* records, [])
+        })
+    )
+
+    it.effect(
+      "requests that differ in kind have different fingerprints; those that cannot be fingerprinted are refused",
+      () =>
+        Effect.gen(function* () {
+          yield* bodies
+          const pairs: ReadonlyArray<readonly [unknown, unknown]> = [
+            [new Map([["cents", 100]]), new Map([["cents", 999]])],
+            [{ at: new Date(0) }, { at: "1970-01-01T00:00:00.000Z" }],
+            [{ n: 1n }, { n: "1" }],
+            [{ a: Number.NaN }, { a: null }],
+            [{ o: Option.none() }, { o: {} }],
+            [new Set([1]), [1]]
+          ]
+          let n = 0
+          for (const [first, second] of pairs) {
+            const key = `fp-${n++}`
+            yield* Effect.succeed("x").pipe(Transaction.idempotent({ key, success: Schema.String, request: first }))
+            const error = failureOf(
+              yield* Effect.exit(
+                Effect.succeed("x").pipe(Transaction.idempotent({ key, success: Schema.String, request: second }))
+              )
+            ) as TransactionError.TransactionError
+            assert.strictEqual(error.reason, "KeyReused", key)
+          }
+          const cyclic: Record<string, unknown> = {}
+          cyclic.self = cyclic
+          for (const request of [cyclic, { f: () => 1 }]) {
+            const error = failureOf(
+              yield* Effect.exit(
+                Effect.succeed("x").pipe(Transaction.idempotent({ key: "fp-bad", success: Schema.String, request }))
+              )
+            ) as TransactionError.TransactionError
+            assert.strictEqual(error.reason, "InvalidOption")
+          }
+        })
+    )
+
+    it.effect("a key too long for the index is refused before anything runs", () =>
+      Effect.gen(function* () {
+        yield* bodies
+        const error = failureOf(
+          yield* Effect.exit(
+            body("long").pipe(Transaction.idempotent({ key: "k".repeat(6000), success: Schema.String }))
+          )
+        ) as TransactionError.TransactionError
+        assert.strictEqual(error.reason, "InvalidOption")
+        assert.strictEqual(yield* committedBodies(), 0)
+      })
+    )
+
+    it.effect("expiry counts from when the outcome is recorded, not from when the transaction began", () =>
+      Effect.gen(function* () {
+        yield* bodies
+        const slow = Effect.zipRight(Effect.sleep("400 millis"), body("late")).pipe(
+          Transaction.idempotent({ key: "late", success: Schema.String, expiresAfter: "300 millis" })
+        )
+        const first = yield* slow
+        const fast = body("late").pipe(Transaction.idempotent({ key: "late", success: Schema.String }))
+        assert.strictEqual(yield* fast, first, "replayed: the record is still live right after its commit")
+      })
+    )
   })
 })

@@ -1,6 +1,6 @@
 // Type-level tests: `npm run typecheck` must accept this file, and every `@ts-expect-error` line must be an error.
 import type { SqlClient, SqlError } from "@effect/sql"
-import { Effect, Schedule, type Scope } from "effect"
+import { Effect, Schedule, type Scope, Schema } from "effect"
 import { TestTransaction, Transaction, type TransactionError } from "effect-transaction"
 
 type Equals<A, B> = (<T>() => T extends A ? 1 : 2) extends <T>() => T extends B ? 1 : 2 ? true : false
@@ -171,3 +171,20 @@ const isolatedPiped = scopedTest.pipe(TestTransaction.isolate)
 expect<Equals<typeof isolatedPiped, typeof isolated>>(true)
 const stillNeedsCurrent = TestTransaction.isolate(mustBeTransactional)
 expect<Equals<Effect.Effect.Context<typeof stillNeedsCurrent>, Transaction.Current | SqlClient.SqlClient>>(true)
+
+// idempotent: the success schema's type is the result; the failure schema's type joins the error channel (replays
+// decode it); Current is eliminated; the schemas' requirements flow into R.
+class Forbidden extends Schema.TaggedError<Forbidden>()("Forbidden", {}) {}
+declare const charge: Effect.Effect<"ok", NotFound, Repo | Transaction.Current>
+const once = charge.pipe(Transaction.idempotent({ key: "k", success: Schema.String, failure: Forbidden }))
+expect<
+  Equals<
+    typeof once,
+    Effect.Effect<string, NotFound | Forbidden | TransactionError.TransactionError, Repo | SqlClient.SqlClient>
+  >
+>(true)
+const onceFirst = Transaction.idempotent(charge, { key: "k", success: Schema.String })
+expect<Equals<Effect.Effect.Success<typeof onceFirst>, string>>(true)
+declare const wide: Effect.Effect<string | number>
+// @ts-expect-error the effect's result must be what the success schema encodes
+wide.pipe(Transaction.idempotent({ key: "k", success: Schema.String }))
