@@ -12,6 +12,7 @@ import { Cause, Effect, Layer, Redacted } from "effect"
 import { EmbeddedPostgres, Transaction, TransactionError } from "effect-transaction"
 import pg from "pg"
 import { testIsolation } from "./isolation.js"
+import { stubCpu } from "./stub.js"
 
 const quick = process.argv.includes("--quick")
 /** `--case nested` runs only the cases whose name contains "nested". */
@@ -239,6 +240,9 @@ const main = Effect.gen(function* () {
   console.log(lines.join("\n"))
   yield* sql`DROP TABLE bench_items`
   if (only === undefined || "contended bank".includes(only)) yield* contendedBank
+  if (only === undefined || "stub".includes(only)) {
+    yield* stubCpu(quick ? { transactions: 2000, rounds: 3 } : { transactions: 10_000, rounds: 7 })
+  }
   if (only === undefined || "test isolation".includes(only)) {
     yield* testIsolation(
       quick ? { tests: 100, templateTests: 5, rounds: 1 } : { tests: 1000, templateTests: 30, rounds: 3 }
