@@ -108,6 +108,11 @@ export class TransactionError extends Data.TaggedError("TransactionError")<{
   readonly constraint?: string | undefined
   /** With `retry`: how many times the transaction ran before this error was given up on. */
   readonly attempts?: number | undefined
+  /**
+   * `CommitFailed` only: the connection failed before the database answered `COMMIT`, so the transaction may
+   * have committed. Check before running it again.
+   */
+  readonly outcomeUnknown?: boolean | undefined
   readonly cause?: unknown
 }> {
   /**

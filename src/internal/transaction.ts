@@ -15,6 +15,7 @@ import * as Stream from "effect/Stream"
 import type * as Transaction from "../Transaction.js"
 import { classify, databaseInfo, TransactionError } from "../TransactionError.js"
 import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
+import { Owned, type Policy } from "./connection.js"
 
 /** @internal */
 export const isolationLevels = ["read committed", "repeatable read", "serializable"] as const
@@ -30,14 +31,18 @@ export const Current = Context.GenericTag<Transaction.Current, Transaction.Trans
 
 let nextTransactionId = 1
 
-/** A fiber waiting for the connection. */
-interface Waiter {
+/** What a fiber asks the connection for: a statement or a new nested block of `frame`, or the end of a block. */
+interface Claim {
   readonly frame: Frame
   /** A statement or a new nested block needs its block innermost; ending a block only needs a free connection. */
   readonly kind: "statement" | "end"
-  granted: boolean
-  readonly resume: (granted: boolean) => void
 }
+
+/** A statement may run only in the innermost open block, and never once its block has closed. */
+const blockPolicy = (stack: ReadonlyArray<Frame>): Policy<Claim> => ({
+  mayUse: (claim) => claim.kind === "end" || stack[stack.length - 1] === claim.frame,
+  refused: (claim) => claim.kind === "statement" && !claim.frame.open
+})
 
 /**
  * One outermost transaction. Its connection carries one statement at a time (`busy`), and only for the innermost
@@ -52,14 +57,12 @@ interface Tx {
   readonly characteristics: Characteristics
   /** The open blocks, outermost first. */
   readonly stack: Array<Frame>
-  busy: boolean
-  readonly waiters: Array<Waiter>
+  /** The connection and who holds it. */
+  readonly owned: Owned<Claim>
   /** Counter for savepoint names, unique within the transaction. */
   savepoints: number
   /** A savepoint whose block succeeded; its RELEASE travels with the next control statement. */
   pendingRelease: string | undefined
-  /** Set when the connection's state is unknown: it is destroyed instead of returned to the pool. */
-  broken: boolean
   /** A transaction opened by other code (not this engine) that a block nested in: its end is not ours to see. */
   foreign: boolean
   /** How the outermost block ended, once it has: which hooks run. */
@@ -73,22 +76,23 @@ const makeTx = (
   conn: Connection,
   dialect: Dialect,
   characteristics: Characteristics
-): Tx => ({
-  id: nextTransactionId++,
-  client,
-  conn,
-  dialect,
-  characteristics,
-  stack: [],
-  busy: false,
-  waiters: [],
-  savepoints: 0,
-  pendingRelease: undefined,
-  broken: false,
-  foreign: false,
-  outcome: undefined,
-  sandbox: false
-})
+): Tx => {
+  const stack: Array<Frame> = []
+  return {
+    id: nextTransactionId++,
+    client,
+    conn,
+    dialect,
+    characteristics,
+    stack,
+    owned: new Owned(conn, dialect, blockPolicy(stack)),
+    savepoints: 0,
+    pendingRelease: undefined,
+    foreign: false,
+    outcome: undefined,
+    sandbox: false
+  }
+}
 
 /** One block: the outermost transaction (depth 0) or a nested savepoint. */
 /** @internal */
@@ -115,6 +119,8 @@ export class Frame implements Transaction.Transaction {
   /** How a block with `declared` characteristics ended: its virtual commit or rollback. */
   outcome: "committed" | "rolledBack" | undefined = undefined
   readonly connection: Connection
+  readonly statementClaim: Claim = { frame: this, kind: "statement" }
+  readonly endClaim: Claim = { frame: this, kind: "end" }
 
   constructor(
     readonly tx: Tx,
@@ -253,57 +259,10 @@ const closedError = (frame: Frame) =>
 
 const innermost = (tx: Tx) => tx.stack[tx.stack.length - 1]
 
-const mayUse = (tx: Tx, waiter: Pick<Waiter, "frame" | "kind">) =>
-  waiter.kind === "end" || innermost(tx) === waiter.frame
+/** Holding the connection is uninterruptible unless a caller's `restore` says otherwise (the end of a block). */
+const held: Restore = (effect) => effect
 
-/** Refuses the waiters of closed blocks and hands the free connection to the first waiter that may use it. */
-const wake = (tx: Tx) => {
-  for (let i = 0; i < tx.waiters.length; ) {
-    const waiter = tx.waiters[i]!
-    if (waiter.kind === "statement" && !waiter.frame.open) {
-      tx.waiters.splice(i, 1)
-      waiter.resume(false)
-    } else if (!tx.busy && mayUse(tx, waiter)) {
-      tx.waiters.splice(i, 1)
-      tx.busy = true
-      waiter.granted = true
-      waiter.resume(true)
-    } else {
-      i++
-    }
-  }
-}
-
-const release = (tx: Tx) => {
-  tx.busy = false
-  if (tx.waiters.length > 0) wake(tx)
-}
-
-const releaseEffect = (tx: Tx) => Effect.sync(() => release(tx))
-
-const granted = Effect.succeed(true)
-
-/**
- * Waits, interruptibly, until `frame` may use the connection and takes it (`true`), or until the block has
- * closed (`false`, for statements and new nested blocks only).
- */
-const acquire = (frame: Frame, kind: Waiter["kind"]): Effect.Effect<boolean> => {
-  const tx = frame.tx
-  if (kind === "statement" && !frame.open) return Effect.succeed(false)
-  if (!tx.busy && mayUse(tx, { frame, kind })) {
-    tx.busy = true
-    return granted
-  }
-  return Effect.async<boolean>((resume) => {
-    const waiter: Waiter = { frame, kind, granted: false, resume: (ok) => resume(Effect.succeed(ok)) }
-    tx.waiters.push(waiter)
-    return Effect.sync(() => {
-      const index = tx.waiters.indexOf(waiter)
-      if (index >= 0) tx.waiters.splice(index, 1)
-      else if (waiter.granted) release(tx)
-    })
-  })
-}
+type Restore = <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
 
 // ---------------------------------------------------------------------------
 // the guarded connection every statement inside a block runs on
@@ -324,28 +283,21 @@ const flushPendingRelease = (frame: Frame): Effect.Effect<void, SqlError> => {
   )
 }
 
-/** Runs a statement while holding the connection, and hands it on however the statement ends. */
+/** Runs a statement of `frame`, holding the connection; a failed or interrupted one aborts the block. */
 const runHeld = <A>(
   frame: Frame,
   run: () => Effect.Effect<A, SqlError>,
-  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+  restore: Restore
 ): Effect.Effect<A, SqlError> => {
   const tx = frame.tx
-  const statement = tx.pendingRelease === undefined ? run() : Effect.zipRight(flushPendingRelease(frame), run())
-  return Effect.matchCauseEffect(restore(statement), {
-    onFailure: (cause) => {
-      frame.aborted = true
-      // An interrupted statement is cancelled by the driver; the connection is handed on only once the database
-      // has answered it, so statements never overlap on the wire.
-      return Cause.isInterrupted(cause)
-        ? Effect.zipRight(Effect.ensuring(tx.dialect.settle(tx.conn), releaseEffect(tx)), Effect.failCause(cause))
-        : Effect.zipRight(releaseEffect(tx), Effect.failCause(cause))
-    },
-    onSuccess: (value) => {
-      release(tx)
-      return Effect.succeed(value)
-    }
-  })
+  const statement =
+    tx.pendingRelease === undefined
+      ? tx.owned.execute(run(), restore)
+      : Effect.zipRight(
+          flushPendingRelease(frame),
+          Effect.suspend(() => tx.owned.execute(run(), restore))
+        )
+  return Effect.onError(statement, () => markAborted(frame))
 }
 
 /** `sql` preceded by the release still pending, if any, so that both travel in one round trip; clears it. */
@@ -365,24 +317,24 @@ const withPendingRelease = (tx: Tx, sql: string | undefined): string | undefined
 const runAtomic = <A>(
   frame: Frame,
   statement: () => Effect.Effect<A, SqlError>,
-  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+  restore: Restore
 ): Effect.Effect<A, SqlError> => {
   const tx = frame.tx
   const name = `etx_${++tx.savepoints}`
   const open = withPendingRelease(tx, tx.dialect.savepoint(name))!
-  return Effect.matchCauseEffect(Effect.zipRight(run(tx.conn, open), restore(statement())), {
-    onFailure: (cause) =>
-      (Cause.isInterrupted(cause) ? tx.dialect.settle(tx.conn) : Effect.void).pipe(
-        Effect.zipRight(undoStatement(frame, name)),
-        Effect.ensuring(releaseEffect(tx)),
-        Effect.zipRight(Effect.failCause(cause))
-      ),
-    onSuccess: (value) => {
-      tx.pendingRelease = name
-      release(tx)
-      return Effect.succeed(value)
+  return Effect.matchCauseEffect(
+    Effect.zipRight(
+      run(tx.conn, open),
+      Effect.suspend(() => tx.owned.execute(statement(), restore))
+    ),
+    {
+      onFailure: (cause) => Effect.zipRight(undoStatement(frame, name), Effect.failCause(cause)),
+      onSuccess: (value) => {
+        tx.pendingRelease = name
+        return Effect.succeed(value)
+      }
     }
-  })
+  )
 }
 
 const undoStatement = (frame: Frame, name: string) =>
@@ -407,73 +359,63 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
       // A test's own statement stands for an autocommitted one, which production would run on another pooled
       // connection: it does not wait for the code under test's open transactions to end (that could deadlock
       // where production cannot), only for the connection to be free, and runs inside whatever block is open.
-      if (!tx.busy) {
-        tx.busy = true
-        return runAtomic(frame, run, restore)
-      }
-      return Effect.flatMap(restore(acquire(frame, "end")), () => {
-        if (frame.open) return runAtomic(frame, run, restore)
-        release(tx)
-        return Effect.fail(closedError(frame))
-      })
+      return tx.owned.withConnection(frame.endClaim, restore, () =>
+        frame.open ? runAtomic(frame, run, restore) : Effect.fail(closedError(frame))
+      )
     }
-    if (!tx.busy && innermost(tx) === frame) {
-      tx.busy = true
-      return runHeld(frame, run, restore)
-    }
-    return Effect.flatMap(restore(acquire(frame, "statement")), (ok) =>
+    return tx.owned.withConnection(frame.statementClaim, restore, (ok) =>
       ok ? runHeld(frame, run, restore) : Effect.fail(closedError(frame))
     )
   })
 
 /**
- * Takes the connection for a stream and returns what hands it back, which the stream runs after its own
- * finalizers (@effect/sql-pg closes its cursor there, and a statement sent before that would take the answer the
- * cursor waits for). A test's own stream runs in a savepoint, released or rolled back when it ends.
+ * Holds the connection for a stream until the stream's scope closes, and returns what the stream runs after its
+ * own finalizers (@effect/sql-pg closes its cursor there, and a statement sent before that would take the answer
+ * the cursor waits for). A test's own stream runs in a savepoint, released or rolled back when it ends.
  */
 const holdForStream = (
   frame: Frame,
   sql: string,
-  started: () => boolean
-): Effect.Effect<(exit: Exit.Exit<unknown, unknown>) => Effect.Effect<void>, SqlError, Scope.Scope> =>
-  Effect.uninterruptibleMask((restore) => {
-    const tx = frame.tx
-    const refused = tx.sandbox ? refusedInSandbox(frame, sql) : undefined
-    if (refused !== undefined) return Effect.fail(refused)
-    return Effect.flatMap(restore(acquire(frame, "statement")), (ok) => {
-      if (!ok) return Effect.fail(closedError(frame))
+  started: () => boolean,
+  restore: Restore
+): Effect.Effect<(exit: Exit.Exit<unknown, unknown>) => Effect.Effect<void>, SqlError, Scope.Scope> => {
+  const tx = frame.tx
+  const refused = tx.sandbox ? refusedInSandbox(frame, sql) : undefined
+  if (refused !== undefined) return Effect.fail(refused)
+  return Effect.flatMap(
+    tx.owned.hold(frame.test ? frame.endClaim : frame.statementClaim, restore, () => closedError(frame)),
+    () => {
+      if (!frame.open) return Effect.fail(closedError(frame))
       let done = false
       const name = frame.test ? `etx_${++tx.savepoints}` : undefined
       const finish = (exit: Exit.Exit<unknown, unknown>): Effect.Effect<void> =>
         Effect.suspend(() => {
           if (done) return Effect.void
           done = true
-          return tx.dialect.settle(tx.conn).pipe(
-            Effect.zipRight(
-              name === undefined
-                ? Effect.void
-                : Exit.isSuccess(exit)
-                  ? Effect.sync(() => {
-                      tx.pendingRelease = name
-                    })
-                  : undoStatement(frame, name)
-            ),
-            Effect.ensuring(releaseEffect(tx))
+          return Effect.zipRight(
+            tx.owned.settle(),
+            name === undefined
+              ? Effect.void
+              : Exit.isSuccess(exit)
+                ? Effect.sync(() => {
+                    tx.pendingRelease = name
+                  })
+                : undoStatement(frame, name)
           )
         })
       const sql = withPendingRelease(tx, name === undefined ? undefined : tx.dialect.savepoint(name))
       const prepare = sql === undefined ? Effect.void : run(tx.conn, sql)
       // Hands the connection back if the stream never started (it was interrupted first).
-      const unstarted = Effect.addFinalizer((exit) => (started() ? Effect.void : finish(exit)))
       return Effect.as(
         Effect.zipRight(
-          unstarted,
+          Effect.addFinalizer((exit) => (started() ? Effect.void : finish(exit))),
           Effect.tapError(prepare, () => markAborted(frame))
         ),
         finish
       )
-    })
-  })
+    }
+  )
+}
 
 const guardConnection = (frame: Frame): Connection => {
   const conn = frame.tx.conn
@@ -493,9 +435,11 @@ const guardConnection = (frame: Frame): Connection => {
           return frame.test ? stream : Stream.tapError(stream, () => markAborted(frame))
         })
         return Stream.unwrapScoped(
-          Effect.map(
-            holdForStream(frame, sql, () => started),
-            (finish) => Stream.ensuringWith(rows, finish)
+          Effect.uninterruptibleMask((restore) =>
+            Effect.map(
+              holdForStream(frame, sql, () => started, restore),
+              (finish) => Stream.ensuringWith(rows, finish)
+            )
           )
         )
       })
@@ -632,7 +576,8 @@ const controlError = (
   reason: "BeginFailed" | "CommitFailed" | "RollbackFailed" | "SavepointFailed",
   what: string,
   consequence: string,
-  cause: unknown
+  cause: unknown,
+  outcomeUnknown?: boolean
 ) => {
   const info = databaseInfo(cause)
   const retryable =
@@ -645,6 +590,7 @@ const controlError = (
       `${consequence}${hint === undefined ? "" : ` ${hint}`}`,
     sqlState: info.sqlState,
     constraint: info.constraint,
+    outcomeUnknown,
     cause
   })
 }
@@ -681,6 +627,11 @@ const closeInner = (frame: Frame): Effect.Effect<void> =>
     return Effect.catchAllCause(run(tx.conn, tx.dialect.rollbackTo(inner[0]!.savepoint!)), () => markAborted(frame))
   })
 
+/** Passes the hooks of a block that succeeded to the block around it (a loop: there may be very many). */
+const handHooksTo = (parent: Frame, hooks: ReadonlyArray<Hook>): void => {
+  for (const hook of hooks) parent.hooks.push(hook)
+}
+
 /**
  * Closes the savepoints still open inside `frame` keeping their writes, as releasing or committing `frame` does in
  * SQL: their hooks pass down to `frame`, and an aborted one aborts `frame`. Used by the manual handle.
@@ -692,21 +643,24 @@ const keepInner = (frame: Frame): void => {
     const block = inner[i]!
     block.open = false
     if (block.aborted) frame.aborted = true
-    block.parent!.hooks.push(...block.hooks)
+    handHooksTo(block.parent!, block.hooks)
   }
 }
 
-/** Whether a failed COMMIT may still have been committed: the connection broke before the answer came. */
+/**
+ * Whether a failed COMMIT may still have been committed: the connection broke before the answer came. A COMMIT
+ * cancelled (57014) answered, and the answer is that it rolled back.
+ */
 const outcomeUnknown = (cause: unknown) => {
   const { sqlState } = databaseInfo(cause)
-  return sqlState === undefined || sqlState.startsWith("08") || sqlState.startsWith("57")
+  return sqlState === undefined || sqlState.startsWith("08") || (sqlState.startsWith("57") && sqlState !== "57014")
 }
 
-const timeoutError = (frame: Frame, timeoutMillis: number, when: string) =>
+const timeoutError = (what: string, timeoutMillis: number, when: string) =>
   new TransactionError({
     reason: "Timeout",
     message:
-      `${frame.describe()} did not finish within its timeout of ${timeoutMillis} ms (${when}); it was rolled back ` +
+      `${what} did not finish within its timeout of ${timeoutMillis} ms (${when}); it was rolled back ` +
       "and nothing was committed. Raise the timeout, or make the transaction do less."
   })
 
@@ -719,7 +673,7 @@ const timeoutError = (frame: Frame, timeoutMillis: number, when: string) =>
 export const finishOutermost = <A, E>(
   frame: Frame,
   exit: Exit.Exit<A, E>,
-  limit: { readonly deadline: number; readonly timeoutMillis: number } | undefined,
+  limit: Limit | undefined,
   inner: "rollback" | "keep" = "rollback"
 ): Effect.Effect<A, E | TransactionError> => {
   const tx = frame.tx
@@ -729,7 +683,7 @@ export const finishOutermost = <A, E>(
       onFailure: (cause) => {
         // The destroyed session ends, and with it the transaction: nothing is committed.
         tx.outcome ??= "rolledBack"
-        tx.broken = true
+        tx.owned.broken = true
         const error = controlError(
           "RollbackFailed",
           `ROLLBACK of ${frame.describe()}`,
@@ -743,56 +697,36 @@ export const finishOutermost = <A, E>(
         return Effect.failCause(failure)
       }
     })
-  const end = Effect.suspend((): Effect.Effect<A, E | TransactionError> => {
+  const end = (): Effect.Effect<A, E | TransactionError> => {
     frame.open = false
     tx.stack.length = 0
     tx.pendingRelease = undefined
     if (Exit.isFailure(exit)) return rollback(exit.cause)
     if (frame.aborted) return rollback(Cause.fail(abortedError(frame)))
-    const remaining = limit === undefined ? undefined : limit.deadline - Date.now()
-    if (limit !== undefined && remaining! <= 0) {
-      return rollback(Cause.fail(timeoutError(frame, limit.timeoutMillis, "no time was left for COMMIT")))
+    if (limit !== undefined && limit.deadline - Date.now() <= 0) {
+      return rollback(Cause.fail(timeoutError(frame.describe(), limit.timeoutMillis, "no time was left for COMMIT")))
     }
     // COMMIT is never abandoned: past the deadline it is cancelled, and its own answer says what happened.
-    let cancelled = false
-    const commit =
-      limit === undefined
-        ? tx.dialect.commit(tx.conn)
-        : Effect.flatMap(
-            Effect.forkDaemon(
-              Effect.delay(
-                Effect.suspend(() => {
-                  cancelled = true
-                  return tx.dialect.cancel(tx.client, tx.conn)
-                }),
-                Duration.millis(remaining!)
-              )
-            ),
-            // A cancel already sent must land before the connection can go back to the pool, where it could
-            // cancel another transaction's statement; the database ignores it once the session is idle.
-            (timer) =>
-              Effect.ensuring(
-                tx.dialect.commit(tx.conn),
-                Effect.suspend(() => (cancelled ? Effect.asVoid(Fiber.await(timer)) : Fiber.interrupt(timer)))
-              )
-          )
-    return Effect.matchCauseEffect(commit, {
+    return Effect.matchCauseEffect(tx.owned.execute(tx.dialect.commit(tx.conn), held, limit?.deadline), {
       onFailure: (cause) => {
         const error = Cause.squash(cause)
-        if (limit !== undefined && cancelled && databaseInfo(error).sqlState === "57014") {
-          return rollback(Cause.fail(timeoutError(frame, limit.timeoutMillis, "COMMIT was still running")))
+        const { sqlState } = databaseInfo(error)
+        if (limit !== undefined && sqlState === "57014" && Date.now() >= limit.deadline) {
+          return rollback(Cause.fail(timeoutError(frame.describe(), limit.timeoutMillis, "COMMIT was still running")))
         }
-        if (outcomeUnknown(error)) tx.outcome = "unknown"
+        const unknown = outcomeUnknown(error)
+        if (unknown) tx.outcome = "unknown"
         return rollback(
           Cause.fail(
             controlError(
               "CommitFailed",
               `COMMIT of ${frame.describe()}`,
-              outcomeUnknown(error)
+              unknown
                 ? "The connection failed before the database answered, so whether it committed is unknown: " +
                     "check before running the transaction again."
                 : "The transaction was rolled back; nothing was committed.",
-              error
+              error,
+              unknown
             )
           )
         )
@@ -803,13 +737,13 @@ export const finishOutermost = <A, E>(
         return exit
       }
     })
-  })
-  return Effect.flatMap(acquire(frame, "end"), () => {
-    if (innermost(tx) === frame) return end
-    if (inner === "rollback") return Effect.zipRight(closeInner(frame), end)
+  }
+  return tx.owned.withConnection(frame.endClaim, held, () => {
+    if (innermost(tx) === frame) return end()
+    if (inner === "rollback") return Effect.flatMap(closeInner(frame), end)
     keepInner(frame)
-    return end
-  }).pipe(Effect.ensuring(releaseEffect(tx)))
+    return end()
+  })
 }
 
 const reserveFailed = (cause: unknown) =>
@@ -841,17 +775,30 @@ const acquireTimeoutError = (millis: number, holding: boolean) =>
 const reserve = (
   client: SqlClient.SqlClient,
   scope: Scope.Scope,
-  millis: number | undefined,
+  acquireMillis: number | undefined,
   holding: boolean,
-  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  limit: Limit | undefined
 ): Effect.Effect<Connection, TransactionError> => {
+  const remaining = limit === undefined ? undefined : limit.deadline - Date.now()
+  if (remaining !== undefined && remaining <= 0) {
+    return Effect.fail(timeoutError("The transaction", limit!.timeoutMillis, "no time was left for another attempt"))
+  }
+  // The `timeout` option bounds the wait for a connection too.
+  const byDeadline = remaining !== undefined && (acquireMillis === undefined || remaining < acquireMillis)
+  const millis = byDeadline ? remaining : acquireMillis
   if (millis === undefined) return Effect.mapError(Scope.extend(client.reserve, scope), reserveFailed)
   return Effect.flatMap(Effect.forkDaemon(Scope.extend(client.reserve, scope)), (waiting) =>
     Effect.matchCauseEffect(restore(Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))), {
       onFailure: (cause): Effect.Effect<never, TransactionError> =>
         Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause))),
       onSuccess: Option.match({
-        onNone: () => Effect.fail(acquireTimeoutError(millis, holding)),
+        onNone: () =>
+          Effect.fail(
+            byDeadline
+              ? timeoutError("The transaction", limit!.timeoutMillis, "it was still waiting for a pooled connection")
+              : acquireTimeoutError(millis, holding)
+          ),
         onSome: Effect.succeed
       })
     })
@@ -866,7 +813,8 @@ export const open = (
   options: Transaction.Options,
   scope: Scope.Scope,
   holding: boolean,
-  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  limit?: Limit
 ): Effect.Effect<Frame, TransactionError> => {
   const characteristics: Characteristics = {
     isolation: options.isolation,
@@ -877,7 +825,7 @@ export const open = (
     idleTimeoutMillis: options.idleTimeout === undefined ? undefined : millisOf(options.idleTimeout)
   }
   const acquireMillis = options.acquireTimeout === undefined ? undefined : millisOf(options.acquireTimeout)
-  return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore), (conn) => {
+  return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore, limit), (conn) => {
     const tx = makeTx(client, conn, dialect, characteristics)
     const frame = new Frame(tx, undefined, 0, undefined)
     return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
@@ -904,9 +852,38 @@ export const open = (
 /** Gives the connection back to the pool, or destroys it when its state is unknown. */
 /** @internal */
 export const closeConnection = (tx: Tx | undefined, scope: Scope.CloseableScope, exit: Exit.Exit<unknown, unknown>) =>
-  tx?.broken === true
+  tx?.owned.broken === true
     ? Effect.zipRight(tx.dialect.destroy(tx.conn), Scope.close(scope, exit))
     : Scope.close(scope, exit)
+
+/** The deadline of a transaction with the `timeout` option: the whole call, retries included. */
+interface Limit {
+  readonly deadline: number
+  readonly timeoutMillis: number
+}
+
+const limitOf = (options: Transaction.Options): Limit | undefined => {
+  const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
+  return timeoutMillis === undefined ? undefined : { deadline: Date.now() + timeoutMillis, timeoutMillis }
+}
+
+/**
+ * Runs `body` until `limit`'s deadline, failing with `Timeout` then. Fibers the body forks stay children of the
+ * caller, as without a limit (a body run in a fiber of its own would take its unjoined children down with it).
+ */
+const bounded = <A, E, R>(
+  body: Effect.Effect<A, E, R>,
+  limit: Limit | undefined,
+  frame: Frame
+): Effect.Effect<A, E | TransactionError, R> =>
+  limit === undefined
+    ? body
+    : Effect.transplant((graft) =>
+        Effect.timeoutFail(graft(body), {
+          duration: Duration.millis(Math.max(0, limit.deadline - Date.now())),
+          onTimeout: () => timeoutError(frame.describe(), limit.timeoutMillis, "its body was still running")
+        })
+      )
 
 const outermost = <A, E, R>(
   client: SqlClient.SqlClient,
@@ -915,29 +892,17 @@ const outermost = <A, E, R>(
   holding: boolean,
   effect: Effect.Effect<A, E, R>,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  limit: Limit | undefined,
   opened: (frame: Frame) => void
 ): Effect.Effect<A, E | TransactionError, R> =>
   Effect.flatMap(Scope.make(), (scope) => {
     let frame: Frame | undefined
-    const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
-    return open(client, dialect, options, scope, holding, restore).pipe(
+    return open(client, dialect, options, scope, holding, restore, limit).pipe(
       Effect.flatMap((begun) => {
         frame = begun
         opened(begun)
-        const body = restore(provideFrame(effect, begun))
-        if (timeoutMillis === undefined) {
-          return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(begun, exit, undefined))
-        }
-        const deadline = Date.now() + timeoutMillis
-        return Effect.flatMap(
-          Effect.exit(
-            Effect.timeoutFail(body, {
-              duration: Duration.millis(timeoutMillis),
-              onTimeout: () => timeoutError(begun, timeoutMillis, "its body was still running")
-            })
-          ),
-          (exit) => finishOutermost(begun, exit, { deadline, timeoutMillis })
-        )
+        const body = bounded(restore(provideFrame(effect, begun)), limit, begun)
+        return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(begun, exit, limit))
       }),
       Effect.onExit((exit) => closeConnection(frame?.tx, scope, exit))
     )
@@ -991,20 +956,16 @@ const endNested = <A, E>(
       if (frame.declared !== undefined) return virtualCommit(frame, exit)
       // Releasing this savepoint releases any deeper one still pending.
       tx.pendingRelease = name
-      frame.parent!.hooks.push(...frame.hooks)
-      release(tx)
+      handHooksTo(frame.parent!, frame.hooks)
       return exit
     }
     // Rolling back to this savepoint destroys any deeper one still pending.
     tx.pendingRelease = undefined
     return rollbackNested(frame, exit)
   }
-  return Effect.flatMap(acquire(frame, "end"), (): Effect.Effect<A, E | TransactionError> => {
+  return tx.owned.withConnection(frame.endClaim, held, (): Effect.Effect<A, E | TransactionError> => {
     // An outer block may have ended while this one waited for the connection.
-    if (frame.abandoned) {
-      release(tx)
-      return abandonedResult(frame, exit)
-    }
+    if (frame.abandoned) return abandonedResult(frame, exit)
     if (innermost(tx) === frame) return end()
     if (inner === "rollback") return Effect.flatMap(closeInner(frame), end)
     keepInner(frame)
@@ -1028,7 +989,7 @@ const rollbackNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effec
     },
     onSuccess: (): Effect.Effect<A, E | TransactionError> =>
       Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
-  }).pipe(Effect.ensuring(releaseEffect(tx)))
+  })
 }
 
 /**
@@ -1053,7 +1014,6 @@ const virtualCommit = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect
       ),
     onSuccess: (): Effect.Effect<A, E | TransactionError> => {
       tx.pendingRelease = frame.savepoint
-      release(tx)
       return exit
     }
   })
@@ -1065,7 +1025,7 @@ export const openNested = (
   parent: Frame,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
 ): Effect.Effect<Frame, TransactionError> =>
-  Effect.flatMap(restore(acquire(parent, "statement")), (ok) => {
+  parent.tx.owned.withConnection(parent.statementClaim, restore, (ok) => {
     if (!ok) return Effect.fail(closedTransactionError(parent, "A nested block was started"))
     const tx = parent.tx
     const name = `etx_${++tx.savepoints}`
@@ -1073,7 +1033,6 @@ export const openNested = (
     return Effect.matchCauseEffect(run(tx.conn, sql), {
       onFailure: (cause) => {
         parent.aborted = true
-        release(tx)
         return controlError(
           "SavepointFailed",
           `SAVEPOINT for a nested block of ${parent.describe()}`,
@@ -1084,7 +1043,6 @@ export const openNested = (
       onSuccess: () => {
         const frame = new Frame(tx, parent, parent.depth + 1, name)
         tx.stack.push(frame)
-        release(tx)
         return Effect.succeed(frame)
       }
     })
@@ -1127,9 +1085,11 @@ const parentOf = (context: Context.Context<never>, client: SqlClient.SqlClient |
 
 /** Sends a release still pending in a transaction that is not ours: nothing of ours would send it later. */
 const flushForeign = (root: Frame) =>
-  Effect.suspend(() => (root.tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(root))).pipe(
-    Effect.ignore
-  )
+  root.tx.owned
+    .withConnection(root.endClaim, held, () =>
+      root.tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(root)
+    )
+    .pipe(Effect.ignore)
 
 /** Runs `effect` in a transaction of `client`, or in a savepoint when one is already open in the fiber. */
 export const transact = <A, E, R>(
@@ -1164,38 +1124,55 @@ const outermostRetrying = <A, E, R>(
 ): Effect.Effect<A, E | TransactionError, R> => {
   const dialect = Context.get(context, CurrentDialect)
   return Effect.suspend(() => {
+    const limit = limitOf(options)
     let last: Frame | undefined
     const once = Effect.uninterruptibleMask((restore) => {
       last = undefined
-      return outermost(client, dialect, options, holding, effect, restore, (frame) => {
+      return outermost(client, dialect, options, holding, effect, restore, limit, (frame) => {
         last = frame
       })
     })
-    return withHooksOfLast(attempts(once, options), () => last)
+    return withHooksOfLast(attempts(once, options, limit), () => last)
   })
 }
 
+/** The attempts of a transaction: one, or as many as `retry` allows before the deadline of `timeout`. */
 const attempts = <A, E, R>(
   once: Effect.Effect<A, E | TransactionError, R>,
-  options: Transaction.Options
-): Effect.Effect<A, E | TransactionError, R> =>
-  options.retry === undefined || options.retry === false
-    ? once
-    : retrying(once, options.retry === true ? defaultRetrySchedule : options.retry)
+  options: Transaction.Options,
+  limit: Limit | undefined
+): Effect.Effect<A, E | TransactionError, R> => {
+  if (options.retry === undefined || options.retry === false) return once
+  const schedule = options.retry === true ? defaultRetrySchedule : options.retry
+  return retrying(
+    once,
+    limit === undefined
+      ? schedule
+      : // No wait runs past the deadline; an attempt that would start after it fails with Timeout instead.
+        Schedule.modifyDelay(schedule, (_, delay) =>
+          Duration.min(delay, Duration.millis(Math.max(0, limit.deadline - Date.now())))
+        )
+  )
+}
 
 /**
  * Runs the hooks of the attempt that ended the transaction (the one that committed, or the last one), once its
- * connection is back in the pool; an attempt that was retried keeps none. An interruption of the caller skips them.
- * An ordinary nested block has no outcome of its own, so nothing runs for it: its hooks went to the block around it.
+ * connection is back in the pool; an attempt that was retried keeps none. They run as part of ending the call,
+ * uninterruptibly: a caller interrupted during or after a COMMIT that succeeded still gets its afterCommit hooks
+ * run (the interruption takes effect once they have); a rollback caused by the caller's interruption runs none. An ordinary nested block has no outcome of its own, so nothing runs
+ * for it: its hooks went to the block around it.
  */
 const withHooksOfLast = <A, E, R>(
   transaction: Effect.Effect<A, E, R>,
   last: () => Frame | undefined
 ): Effect.Effect<A, E, R> =>
-  Effect.flatMap(Effect.exit(transaction), (exit) => {
+  Effect.onExit(transaction, (exit) => {
     const frame = last()
-    if (frame === undefined || frame.hooks.length === 0) return exit
-    return Effect.zipRight(runHooks(frame, frame.declared === undefined ? frame.tx.outcome : frame.outcome), exit)
+    if (frame === undefined || frame.hooks.length === 0) return Effect.void
+    const outcome = frame.declared === undefined ? frame.tx.outcome : frame.outcome
+    // A rollback the caller's interruption caused runs no hooks; a commit always runs its own.
+    if (outcome !== "committed" && Exit.isFailure(exit) && Cause.isInterrupted(exit.cause)) return Effect.void
+    return runHooks(frame, outcome)
   })
 
 /** @internal */
@@ -1515,25 +1492,23 @@ const virtualOutermost = <A, E, R>(
     readOnly: options.readOnly,
     deferrable: options.deferrable
   }
-  const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
-  let last: Frame | undefined
-  const once = Effect.uninterruptibleMask((restore) => {
-    last = undefined
-    return Effect.flatMap(openNested(parent, restore), (frame) => {
-      last = frame
-      frame.declared = declared
-      const body = restore(provideFrame(effect, frame))
-      const limited =
-        timeoutMillis === undefined
-          ? body
-          : Effect.timeoutFail(body, {
-              duration: Duration.millis(timeoutMillis),
-              onTimeout: () => timeoutError(frame, timeoutMillis, "its body was still running")
-            })
-      return Effect.flatMap(Effect.exit(limited), (exit) => finishNested(frame, exit))
+  return Effect.suspend(() => {
+    const limit = limitOf(options)
+    let last: Frame | undefined
+    const once = Effect.uninterruptibleMask((restore) => {
+      last = undefined
+      if (limit !== undefined && limit.deadline <= Date.now()) {
+        return Effect.fail(timeoutError("The transaction", limit.timeoutMillis, "no time was left for another attempt"))
+      }
+      return Effect.flatMap(openNested(parent, restore), (frame) => {
+        last = frame
+        frame.declared = declared
+        const body = bounded(restore(provideFrame(effect, frame)), limit, frame)
+        return Effect.flatMap(Effect.exit(body), (exit) => finishNested(frame, exit))
+      })
     })
+    return withHooksOfLast(attempts(once, options, limit), () => last)
   })
-  return Effect.suspend(() => withHooksOfLast(attempts(once, options), () => last))
 }
 
 // ---------------------------------------------------------------------------
@@ -1699,11 +1674,8 @@ const makeHandle = (
       const frame = savepointOf(savepoint, "rollbackTo")
       if (frame instanceof TransactionError) return Effect.fail(frame)
       const tx = frame.tx
-      return Effect.flatMap(restore(acquire(frame, "end")), () => {
-        if (!frame.open) {
-          release(tx)
-          return Effect.fail(endedError(frame, "rollbackTo was called"))
-        }
+      return tx.owned.withConnection(frame.endClaim, restore, () => {
+        if (!frame.open) return Effect.fail(endedError(frame, "rollbackTo was called"))
         for (const block of tx.stack.splice(tx.stack.indexOf(frame) + 1)) {
           block.open = false
           block.abandoned = true
@@ -1725,7 +1697,7 @@ const makeHandle = (
             frame.hooks = []
             return Effect.void
           }
-        }).pipe(Effect.ensuring(releaseEffect(tx)))
+        })
       })
     })
 
