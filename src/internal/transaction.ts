@@ -102,6 +102,8 @@ export class Frame implements Transaction.Transaction {
   abandoned = false
   /** A statement inside this block failed, so the database refuses further work until it is rolled back. */
   aborted = false
+  /** The statement that aborted the block, and its error, when one did. */
+  abortedBy: { readonly sql: string; readonly error: unknown } | undefined = undefined
   /** Hooks registered in this block; handed to the parent when it succeeds, dropped when it rolls back. */
   hooks: Array<Hook> = []
   /**
@@ -268,9 +270,13 @@ type Restore = <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<
 // the guarded connection every statement inside a block runs on
 // ---------------------------------------------------------------------------
 
-const markAborted = (frame: Frame) =>
+/** Marks the block aborted; the first statement that did it is kept for the error its end reports. */
+const markAborted = (frame: Frame, sql?: string, cause?: Cause.Cause<unknown>) =>
   Effect.sync(() => {
     frame.aborted = true
+    if (sql !== undefined && frame.abortedBy === undefined && cause !== undefined && !Cause.isInterruptedOnly(cause)) {
+      frame.abortedBy = { sql, error: Cause.squash(cause) }
+    }
   })
 
 /** Sends a deferred RELEASE before a statement, so open savepoints never outnumber open blocks. */
@@ -286,6 +292,7 @@ const flushPendingRelease = (frame: Frame): Effect.Effect<void, SqlError> => {
 /** Runs a statement of `frame`, holding the connection; a failed or interrupted one aborts the block. */
 const runHeld = <A>(
   frame: Frame,
+  sql: string,
   run: () => Effect.Effect<A, SqlError>,
   restore: Restore
 ): Effect.Effect<A, SqlError> => {
@@ -297,7 +304,7 @@ const runHeld = <A>(
           flushPendingRelease(frame),
           Effect.suspend(() => tx.owned.execute(run(), restore))
         )
-  return Effect.onError(statement, () => markAborted(frame))
+  return Effect.onError(statement, (cause) => markAborted(frame, sql, cause))
 }
 
 /** `sql` preceded by the release still pending, if any, so that both travel in one round trip; clears it. */
@@ -364,7 +371,7 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
       )
     }
     return tx.owned.withConnection(frame.statementClaim, restore, (ok) =>
-      ok ? runHeld(frame, run, restore) : Effect.fail(closedError(frame))
+      ok ? runHeld(frame, sql, run, restore) : Effect.fail(closedError(frame))
     )
   })
 
@@ -432,7 +439,7 @@ const guardConnection = (frame: Frame): Connection => {
         const rows = Stream.suspend(() => {
           started = true
           const stream = conn.executeStream(sql, params, transformRows)
-          return frame.test ? stream : Stream.tapError(stream, () => markAborted(frame))
+          return frame.test ? stream : Stream.tapErrorCause(stream, (cause) => markAborted(frame, sql, cause))
         })
         return Stream.unwrapScoped(
           Effect.uninterruptibleMask((restore) =>
@@ -465,10 +472,43 @@ const rank = (isolation: Transaction.IsolationLevel | undefined) =>
 
 const invalidOption = (message: string) => new TransactionError({ reason: "InvalidOption", message })
 
+const optionNames: ReadonlySet<string> = new Set([
+  "isolation",
+  "readOnly",
+  "deferrable",
+  "timeout",
+  "statementTimeout",
+  "lockTimeout",
+  "idleTimeout",
+  "retry",
+  "acquireTimeout"
+])
+
+/** Shows an option's value in a message; a bigint or a cyclic object must not make the message itself throw. */
+const show = (value: unknown): string => {
+  if (typeof value === "bigint") return `${value}n`
+  try {
+    return JSON.stringify(value) ?? String(value)
+  } catch {
+    return String(value)
+  }
+}
+
 const validateOptions = (options: Transaction.Options): TransactionError | undefined => {
+  for (const name of Object.keys(options)) {
+    if (!optionNames.has(name)) {
+      return invalidOption(
+        `Unknown option ${JSON.stringify(name)}; nothing was sent. The options are: ${[...optionNames].join(", ")}. ` +
+          (name.toLowerCase().startsWith("isolation")
+            ? 'For the isolation level, use isolation: "serializable". '
+            : "") +
+          "Remove the key, or pick the options out of a larger object instead of spreading it."
+      )
+    }
+  }
   if (options.isolation !== undefined && !isolationLevels.includes(options.isolation)) {
     return invalidOption(
-      `Unknown isolation level ${JSON.stringify(options.isolation)}. Use one of: ${isolationLevels.join(", ")}.`
+      `Unknown isolation level ${show(options.isolation)}. Use one of: ${isolationLevels.join(", ")}.`
     )
   }
   if (options.deferrable === true && (options.isolation !== "serializable" || options.readOnly !== true)) {
@@ -479,10 +519,18 @@ const validateOptions = (options: Transaction.Options): TransactionError | undef
   }
   for (const name of durationOptions) {
     const input = options[name]
-    if (input !== undefined && millisOf(input) === undefined) {
+    if (input === undefined) continue
+    const millis = millisOf(input)
+    if (millis === undefined) {
       return invalidOption(
-        `The ${name} option must be a positive, finite duration such as "5 seconds"; got ${JSON.stringify(input)}. ` +
+        `The ${name} option must be a positive, finite duration such as "5 seconds"; got ${show(input)}. ` +
           "Leave the option out for no limit."
+      )
+    }
+    if (serverDurationOptions.includes(name) && Math.ceil(millis) > MAX_SERVER_MILLIS) {
+      return invalidOption(
+        `The ${name} option is ${show(input)}, above PostgreSQL's limit for it of ${MAX_SERVER_MILLIS} ms ` +
+          "(about 24.8 days); nothing was sent. Leave the option out for no limit."
       )
     }
   }
@@ -494,9 +542,13 @@ const validateOptions = (options: Transaction.Options): TransactionError | undef
 
 const durationOptions = ["timeout", "statementTimeout", "lockTimeout", "idleTimeout", "acquireTimeout"] as const
 
+/** The options the database enforces (`SET LOCAL`), in whole milliseconds up to a 32-bit integer. */
+const serverDurationOptions: ReadonlyArray<string> = ["statementTimeout", "lockTimeout", "idleTimeout"]
+const MAX_SERVER_MILLIS = 2_147_483_647
+
 /** A positive, finite duration in milliseconds, or undefined for anything else. */
 const millisOf = (input: Duration.DurationInput): number | undefined => {
-  if (typeof input === "number" && !(input > 0)) return undefined
+  if ((typeof input === "number" || typeof input === "bigint") && !(input > 0)) return undefined
   const decoded = Duration.decodeUnknown(input)
   if (Option.isNone(decoded)) return undefined
   const millis = Duration.toMillis(decoded.value)
@@ -595,14 +647,21 @@ const controlError = (
   })
 }
 
-const abortedError = (frame: Frame) =>
-  new TransactionError({
+const abortedError = (frame: Frame) => {
+  const by = frame.abortedBy
+  const statement =
+    by === undefined
+      ? "a statement inside it failed"
+      : `the statement ${JSON.stringify(by.sql.trim().slice(0, 120))} inside it failed (${databaseInfo(by.error).message})`
+  return new TransactionError({
     reason: frame.depth === 0 ? "CommitFailed" : "SavepointFailed",
     message:
-      `${frame.describe()} returned successfully, but a statement inside it failed, so the database had aborted ` +
+      `${frame.describe()} returned successfully, but ${statement}, so the database had aborted ` +
       `it; it was rolled back and nothing of it was kept. ${hints["25P02"]}`,
-    sqlState: "25P02"
+    sqlState: "25P02",
+    cause: by?.error
   })
+}
 
 // ---------------------------------------------------------------------------
 // the engine
@@ -642,7 +701,10 @@ const keepInner = (frame: Frame): void => {
   for (let i = inner.length - 1; i >= 0; i--) {
     const block = inner[i]!
     block.open = false
-    if (block.aborted) frame.aborted = true
+    if (block.aborted) {
+      frame.aborted = true
+      frame.abortedBy ??= block.abortedBy
+    }
     handHooksTo(block.parent!, block.hooks)
   }
 }
@@ -1202,13 +1264,29 @@ const retrying = <A, E, R>(
       attempts++
       return once
     }).pipe(
+      // A serialization failure can arrive as a defect (Model repositories turn SqlError into one with orDie):
+      // it is retried all the same, and comes back as the defect it was if the schedule gives up.
+      Effect.catchAllDefect((defect) =>
+        isRetryable(defect) ? Effect.fail(new RetryableDefect(defect)) : Effect.die(defect)
+      ),
       Effect.retry({
-        schedule: Schedule.mapInput(schedule, (error: E | TransactionError) => classify(error)),
-        while: isRetryable
+        schedule: Schedule.mapInput(schedule, (error: E | TransactionError | RetryableDefect) =>
+          classify(error instanceof RetryableDefect ? error.defect : error)
+        ),
+        while: (error) => isRetryable(error instanceof RetryableDefect ? error.defect : error)
       }),
-      Effect.mapError((error) => (isRetryable(error) ? gaveUp(error, attempts) : error))
+      Effect.catchAll((error) =>
+        error instanceof RetryableDefect
+          ? Effect.die(error.defect)
+          : Effect.fail(isRetryable(error) ? gaveUp(error, attempts) : error)
+      )
     )
   })
+
+/** A retryable failure that reached the retry loop as a defect. */
+class RetryableDefect {
+  constructor(readonly defect: unknown) {}
+}
 
 const gaveUp = (error: unknown, attempts: number): TransactionError => {
   const classified = classify(error)
@@ -1357,7 +1435,11 @@ interface Hook {
   readonly effect: Effect.Effect<unknown, unknown, unknown>
   /** The services of the place it was registered in, without the transaction's own. */
   readonly context: Context.Context<unknown>
+  /** When it was registered: hooks run in this order, whichever fiber or block registered them. */
+  readonly order: number
 }
+
+let nextHookOrder = 0
 
 const logHookFailure = (failure: Transaction.HookFailure): Effect.Effect<void> =>
   Effect.logError(failure.message, failure.cause)
@@ -1413,7 +1495,7 @@ export const registerHook = <X, E, R>(
     }
     // The hook runs after the transaction, outside it: with the caller's services, without the transaction's.
     const outside = Context.omit(Current, SqlClient.TransactionConnection)(context) as Context.Context<unknown>
-    frame.hooks.push({ kind, effect, context: outside })
+    frame.hooks.push({ kind, effect, context: outside, order: nextHookOrder++ })
     return Effect.void
   })
 
@@ -1432,7 +1514,7 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
     )
   }
   const kind = outcome === "committed" ? "afterCommit" : "afterRollback"
-  const due = frame.hooks.filter((hook) => hook.kind === kind)
+  const due = frame.hooks.filter((hook) => hook.kind === kind).sort((a, b) => a.order - b.order)
   if (due.length === 0) return Effect.void
   const around = tx.sandbox ? frame.parent : undefined
   const bound = (hook: Hook): Effect.Effect<unknown, unknown> =>

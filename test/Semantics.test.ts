@@ -1,0 +1,171 @@
+/**
+ * Regressions of what the engine promises beyond its connection: what `timeout` bounds, retry of failures that
+ * arrive as defects, validation of bad input, diagnostics of aborted blocks, and the order of hooks.
+ */
+import { SqlClient } from "@effect/sql"
+import { assert, describe, layer } from "@effect/vitest"
+import { Cause, Deferred, Effect, Exit, Fiber, Schedule } from "effect"
+import { Transaction } from "effect-transaction"
+import { committedIds, insert, items, serializationFailure, transactionError } from "./utils/fixtures.js"
+import * as TestDatabase from "./utils/TestDatabase.js"
+
+const Db = TestDatabase.layer({ applicationName: "etx-semantics" })
+
+const bounded = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+  Effect.timeoutFail(effect, { duration: "15 seconds", onTimeout: () => "hang: the program did not finish" })
+
+describe("what timeout bounds", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("timeout does not change what happens to a forked, unjoined statement", () =>
+      Effect.gen(function* () {
+        yield* items
+        for (const options of [{}, { timeout: "5 seconds" }] as const) {
+          yield* items
+          const sql = yield* SqlClient.SqlClient
+          const exit = yield* Effect.gen(function* () {
+            yield* insert(1)
+            // One statement still running when the body returns: COMMIT waits for it.
+            yield* Effect.fork(sql`INSERT INTO items (id) SELECT 2 FROM pg_sleep(0.2)`)
+            yield* Effect.sleep("50 millis")
+          }).pipe(Transaction.withTransaction(options), bounded, Effect.exit)
+          assert.isTrue(
+            Exit.isSuccess(exit),
+            `${JSON.stringify(options)}: ${Exit.isFailure(exit) ? Cause.pretty(exit.cause) : ""}`
+          )
+          assert.deepStrictEqual(yield* committedIds, [1, 2], JSON.stringify(options))
+        }
+      })
+    )
+
+    it.effect("timeout bounds the whole call with its retries", () =>
+      Effect.gen(function* () {
+        let attempts = 0
+        const started = Date.now()
+        const exit = yield* Effect.suspend(() => {
+          attempts++
+          return serializationFailure
+        }).pipe(
+          Transaction.withTransaction({ timeout: "1 second", retry: Schedule.spaced("10 millis") }),
+          bounded,
+          Effect.exit
+        )
+        const elapsed = Date.now() - started
+        assert.strictEqual(transactionError(exit).reason, "Timeout")
+        assert.isBelow(elapsed, 3000, `took ${elapsed} ms`)
+        assert.isBelow(attempts, 200, `${attempts} attempts`)
+      })
+    )
+  })
+})
+
+describe("retry", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("retry catches a serialization failure that reaches it as a defect", () =>
+      Effect.gen(function* () {
+        let attempts = 0
+        const result = yield* Effect.suspend(() => {
+          attempts++
+          return attempts < 3 ? Effect.as(Effect.orDie(serializationFailure), "conflict") : Effect.succeed("done")
+        }).pipe(Transaction.withTransaction({ retry: true }))
+        assert.strictEqual(result, "done")
+        assert.strictEqual(attempts, 3)
+      })
+    )
+
+    it.effect("a defect that is not retryable is not retried", () =>
+      Effect.gen(function* () {
+        let attempts = 0
+        const exit = yield* Effect.suspend(() => {
+          attempts++
+          return Effect.die(new Error("bug"))
+        }).pipe(Transaction.withTransaction({ retry: true }), Effect.exit)
+        assert.isTrue(Exit.isFailure(exit) && Cause.isDie(exit.cause))
+        assert.strictEqual(attempts, 1)
+      })
+    )
+  })
+})
+
+describe("bad input", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("bigint durations of zero or less are InvalidOption errors", () =>
+      Effect.gen(function* () {
+        for (const value of [0n, -5n]) {
+          const exit = yield* Effect.exit(Effect.void.pipe(Transaction.withTransaction({ timeout: value })))
+          assert.strictEqual(transactionError(exit).reason, "InvalidOption")
+        }
+      })
+    )
+
+    it.effect("durations above PostgreSQL's limit are InvalidOption errors before BEGIN", () =>
+      Effect.gen(function* () {
+        for (const name of ["statementTimeout", "lockTimeout", "idleTimeout"] as const) {
+          const exit = yield* Effect.exit(Effect.void.pipe(Transaction.withTransaction({ [name]: "25 days" })))
+          const error = transactionError(exit)
+          assert.strictEqual(error.reason, "InvalidOption")
+          assert.match(error.message, new RegExp(name))
+        }
+      })
+    )
+
+    it.effect("an unknown option key is an InvalidOption error, never silently ignored", () =>
+      Effect.gen(function* () {
+        yield* items
+        const options = { isolationLevel: "serializable" } as unknown as Transaction.Options
+        const exit = yield* Effect.exit(insert(1).pipe(Transaction.withTransaction(options)))
+        const error = transactionError(exit)
+        assert.strictEqual(error.reason, "InvalidOption")
+        assert.match(error.message, /isolationLevel/)
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+  })
+})
+
+describe("diagnostics", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("a CommitFailed after a caught statement error names the statement and carries its error", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const exit = yield* Effect.gen(function* () {
+          yield* insert(1)
+          yield* Effect.ignore(sql`SELECT 1 / 0`)
+        }).pipe(Transaction.withTransaction(), Effect.exit)
+        const error = transactionError(exit)
+        assert.strictEqual(error.reason, "CommitFailed")
+        assert.strictEqual(error.sqlState, "25P02")
+        assert.match(error.message, /SELECT 1 \/ 0/)
+        assert.isDefined(error.cause)
+        assert.strictEqual(error.outcomeUnknown, undefined)
+      })
+    )
+  })
+})
+
+describe("hooks", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("hooks registered by different fibers run in registration order", () =>
+      Effect.gen(function* () {
+        yield* items
+        const order: Array<string> = []
+        const note = (entry: string) => Effect.sync(() => void order.push(entry))
+        const firstRegistered = yield* Deferred.make<void>()
+        yield* Effect.gen(function* () {
+          // The slow block registers first and ends last.
+          const slow = yield* Effect.fork(
+            Effect.gen(function* () {
+              yield* Transaction.afterCommit(note("first"))
+              yield* Deferred.succeed(firstRegistered, undefined)
+              yield* Effect.sleep("100 millis")
+            }).pipe(Transaction.withTransaction())
+          )
+          yield* Deferred.await(firstRegistered)
+          yield* Transaction.afterCommit(note("second"))
+          yield* Fiber.join(slow)
+        }).pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(order, ["first", "second"])
+      })
+    )
+  })
+})
