@@ -22,6 +22,8 @@ import * as Predicate from "effect/Predicate"
  * - `Timeout`: the transaction's `timeout` ran out; it was rolled back.
  * - `AcquireTimeout`: no pooled connection became free within `acquireTimeout`; nothing was sent.
  * - `Unsupported`: the call cannot work in this kind of transaction (the message names the alternative).
+ * - `WouldDeadlock`: the fiber waited for the connection held by a block only it can end (one it opened with
+ *   `Transaction.begin`); it failed at once instead of waiting for ever. The message names both blocks.
  *
  * What the database said, by SQLSTATE (from a control statement, or from any `SqlError` through `classify`):
  * - `SerializationFailure` (40001) and `Deadlock` (40P01): retryable by running the whole transaction again.
@@ -53,6 +55,7 @@ export const reasons = [
   "Timeout",
   "AcquireTimeout",
   "Unsupported",
+  "WouldDeadlock",
   "SerializationFailure",
   "Deadlock",
   "UniqueViolation",

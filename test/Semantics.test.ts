@@ -169,3 +169,61 @@ describe("hooks", () => {
     )
   })
 })
+
+describe("fibers that outlive their transaction", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("a daemon fiber forked inside a transaction can open its own transaction after the first ended", () =>
+      Effect.gen(function* () {
+        yield* items
+        const goOn = yield* Deferred.make<void>()
+        const daemon = yield* Effect.gen(function* () {
+          yield* insert(1)
+          return yield* Effect.forkDaemon(
+            Effect.zipRight(Deferred.await(goOn), insert(2).pipe(Transaction.requiresNew()))
+          )
+        }).pipe(Transaction.withTransaction())
+        yield* Deferred.succeed(goOn, undefined)
+        const exit = yield* Fiber.await(daemon)
+        assert.isTrue(Exit.isSuccess(exit), Exit.isFailure(exit) ? Cause.pretty(exit.cause) : "")
+        assert.deepStrictEqual(yield* committedIds, [1, 2])
+      })
+    )
+  })
+})
+
+describe("one fiber never deadlocks with itself", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect(
+      "begin inside a transaction, handle.run, then a plain statement before commit: a typed error, at once",
+      () =>
+        Effect.gen(function* () {
+          yield* items
+          const plain = yield* Effect.gen(function* () {
+            const handle = yield* Transaction.begin()
+            yield* handle.run(insert(1))
+            const plain = yield* Effect.exit(insert(2))
+            yield* handle.commit
+            return plain
+          }).pipe(Effect.scoped, Transaction.withTransaction(), bounded)
+          assert.isTrue(Exit.isFailure(plain))
+          const error = Exit.isFailure(plain) ? Cause.squash(plain.cause) : undefined
+          const reason = (error as { cause?: { reason?: string } } | undefined)?.cause?.reason
+          assert.strictEqual(reason, "WouldDeadlock")
+          assert.match(String((error as { message?: string }).message), /Transaction\.begin/)
+          assert.deepStrictEqual(yield* committedIds, [1])
+        })
+    )
+
+    it.effect("a nested block opened by the fiber that holds a handle open fails at once with WouldDeadlock", () =>
+      Effect.gen(function* () {
+        const nested = yield* Effect.gen(function* () {
+          const handle = yield* Transaction.begin()
+          const nested = yield* Effect.exit(Effect.void.pipe(Transaction.withTransaction()))
+          yield* handle.rollback
+          return nested
+        }).pipe(Effect.scoped, Transaction.withTransaction(), bounded)
+        assert.strictEqual(transactionError(nested).reason, "WouldDeadlock")
+      })
+    )
+  })
+})

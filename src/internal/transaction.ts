@@ -5,8 +5,10 @@ import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Duration from "effect/Duration"
+import * as Equal from "effect/Equal"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import type * as FiberId from "effect/FiberId"
 import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import * as Schedule from "effect/Schedule"
@@ -118,6 +120,8 @@ export class Frame implements Transaction.Transaction {
    * these characteristics. It is checked and runs its hooks at its end, its "virtual commit".
    */
   declared: Characteristics | undefined = undefined
+  /** The fiber that opened the block with the manual handle: only a call on the handle ends it. */
+  openedBy: FiberId.FiberId | undefined = undefined
   /** How a block with `declared` characteristics ended: its virtual commit or rollback. */
   outcome: "committed" | "rolledBack" | undefined = undefined
   readonly connection: Connection
@@ -179,7 +183,7 @@ const closedTransactionError = (frame: Frame, what: string) =>
         "are not."
       : `${what} on ${frame.describe()} after it ended. ` +
         "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
-        "or run the work in its own transaction."
+        "or run the work in its own transaction (Transaction.requiresNew opens one from such a fiber)."
   })
 
 /** Errors of code that runs in a test transaction as it never would in production. */
@@ -353,6 +357,43 @@ const refusedInSandbox = (frame: Frame, sql: string): SqlError | undefined => {
   return transactionControlOf(sql) === undefined ? undefined : controlStatementError(sql)
 }
 
+/**
+ * The block a fiber would wait for for ever: one it opened itself with the manual handle, open inside `frame`, so
+ * that `frame`'s statement could run only once this very fiber had ended it.
+ */
+const selfBlocking = (frame: Frame, fiber: FiberId.FiberId): Frame | undefined => {
+  const stack = frame.tx.stack
+  for (let i = stack.length - 1; i >= 0 && stack[i] !== frame; i--) {
+    const block = stack[i]!
+    if (block.openedBy !== undefined && Equal.equals(block.openedBy, fiber)) return block
+  }
+  return undefined
+}
+
+const wouldDeadlockError = (frame: Frame, what: string, holder: Frame) =>
+  new TransactionError({
+    reason: "WouldDeadlock",
+    message:
+      `${what} in ${frame.describe()} would wait for the connection, which ${holder.describe()} holds until it ends; ` +
+      "this same fiber opened that block with Transaction.begin and is the one that would end it, so it would " +
+      "wait for ever. Nothing was sent. Run the work through the handle (handle.run), or commit or roll back the " +
+      "handle first."
+  })
+
+/** Fails at once when the current fiber would wait for a block only it can end. */
+const unlessSelfBlocking = <A, E>(
+  frame: Frame,
+  what: string,
+  onError: (error: TransactionError) => E,
+  effect: Effect.Effect<A, E>
+): Effect.Effect<A, E> =>
+  innermost(frame.tx) === frame || frame.tx.stack.length === 0
+    ? effect
+    : Effect.withFiberRuntime((fiber) => {
+        const holder = selfBlocking(frame, fiber.id())
+        return holder === undefined ? effect : Effect.fail(onError(wouldDeadlockError(frame, what, holder)))
+      })
+
 /** Called by @effect/sql when the statement runs, so the checks see the block as it is at that moment. */
 const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
   Effect.uninterruptibleMask((restore) => {
@@ -370,8 +411,13 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
         frame.open ? runAtomic(frame, run, restore) : Effect.fail(closedError(frame))
       )
     }
-    return tx.owned.withConnection(frame.statementClaim, restore, (ok) =>
-      ok ? runHeld(frame, sql, run, restore) : Effect.fail(closedError(frame))
+    return unlessSelfBlocking(
+      frame,
+      "A statement",
+      (error) => new SqlError({ message: error.message, cause: error }),
+      tx.owned.withConnection(frame.statementClaim, restore, (ok) =>
+        ok ? runHeld(frame, sql, run, restore) : Effect.fail(closedError(frame))
+      )
     )
   })
 
@@ -1087,28 +1133,33 @@ export const openNested = (
   parent: Frame,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
 ): Effect.Effect<Frame, TransactionError> =>
-  parent.tx.owned.withConnection(parent.statementClaim, restore, (ok) => {
-    if (!ok) return Effect.fail(closedTransactionError(parent, "A nested block was started"))
-    const tx = parent.tx
-    const name = `etx_${++tx.savepoints}`
-    const sql = withPendingRelease(tx, tx.dialect.savepoint(name))!
-    return Effect.matchCauseEffect(run(tx.conn, sql), {
-      onFailure: (cause) => {
-        parent.aborted = true
-        return controlError(
-          "SavepointFailed",
-          `SAVEPOINT for a nested block of ${parent.describe()}`,
-          "The nested block did not run.",
-          Cause.squash(cause)
-        )
-      },
-      onSuccess: () => {
-        const frame = new Frame(tx, parent, parent.depth + 1, name)
-        tx.stack.push(frame)
-        return Effect.succeed(frame)
-      }
+  unlessSelfBlocking(
+    parent,
+    "A nested block",
+    (error) => error,
+    parent.tx.owned.withConnection(parent.statementClaim, restore, (ok) => {
+      if (!ok) return Effect.fail(closedTransactionError(parent, "A nested block was started"))
+      const tx = parent.tx
+      const name = `etx_${++tx.savepoints}`
+      const sql = withPendingRelease(tx, tx.dialect.savepoint(name))!
+      return Effect.matchCauseEffect(run(tx.conn, sql), {
+        onFailure: (cause) => {
+          parent.aborted = true
+          return controlError(
+            "SavepointFailed",
+            `SAVEPOINT for a nested block of ${parent.describe()}`,
+            "The nested block did not run.",
+            Cause.squash(cause)
+          )
+        },
+        onSuccess: () => {
+          const frame = new Frame(tx, parent, parent.depth + 1, name)
+          tx.stack.push(frame)
+          return Effect.succeed(frame)
+        }
+      })
     })
-  })
+  )
 
 const nested = <A, E, R>(
   parent: Frame,
@@ -1681,6 +1732,7 @@ export const begin = (
       if (incompatible !== undefined) return Effect.fail(incompatible)
       return Effect.uninterruptibleMask((restore) =>
         Effect.flatMap(openNested(parent, restore), (root) => {
+          root.openedBy = fiber.id()
           if (virtual) {
             root.declared = { isolation: options.isolation, readOnly: options.readOnly, deferrable: options.deferrable }
           }
@@ -1802,11 +1854,15 @@ const makeHandle = (
     rollback: finish("rollback"),
     savepoint: Effect.uninterruptibleMask((restore) => {
       if (!live()) return Effect.fail(endedError(root, "savepoint was called"))
-      return Effect.map(openNested(top(), restore), (frame): Transaction.Savepoint => {
-        frames.push(frame)
-        owned.add(frame)
-        return frame
-      })
+      return Effect.map(
+        Effect.zip(openNested(top(), restore), Effect.fiberId),
+        ([frame, opener]): Transaction.Savepoint => {
+          frame.openedBy = opener
+          frames.push(frame)
+          owned.add(frame)
+          return frame
+        }
+      )
     }),
     rollbackTo,
     release: releaseSavepoint
