@@ -4,7 +4,8 @@
  */
 import { SqlClient } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
-import { Cause, Deferred, Effect, Exit, Fiber, Schedule } from "effect"
+import { PgClient } from "@effect/sql-pg"
+import { Cause, Deferred, Effect, Exit, Fiber, Layer, Schedule } from "effect"
 import { Transaction } from "effect-transaction"
 import { committedIds, insert, items, serializationFailure, transactionError } from "./utils/fixtures.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
@@ -223,6 +224,58 @@ describe("one fiber never deadlocks with itself", () => {
           return nested
         }).pipe(Effect.scoped, Transaction.withTransaction(), bounded)
         assert.strictEqual(transactionError(nested).reason, "WouldDeadlock")
+      })
+    )
+  })
+})
+
+describe("a transaction opened by other code", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("concurrent sibling nested blocks in a raw sql.withTransaction keep each other's writes", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const exits = yield* Effect.forEach(
+          [1, 2, 3, 4],
+          (id) =>
+            Effect.zipRight(
+              Effect.zipRight(insert(id), sql`SELECT pg_sleep(0.02)`),
+              id % 2 === 0 ? Effect.fail(`block ${id} fails`) : Effect.void
+            ).pipe(Transaction.withTransaction(), Effect.exit),
+          { concurrency: "unbounded" }
+        ).pipe(sql.withTransaction, bounded)
+        assert.deepStrictEqual(
+          exits.map((exit) => Exit.isSuccess(exit)),
+          [true, false, true, false]
+        )
+        assert.deepStrictEqual(yield* committedIds, [1, 3])
+      })
+    )
+  })
+})
+
+describe("Transaction.layer and the driver's own tag", () => {
+  layer(Transaction.layer.pipe(Layer.provideMerge(Db)), { excludeTestServices: true })((it) => {
+    it.effect("PgClient.PgClient's withTransaction goes through the engine too", () =>
+      Effect.gen(function* () {
+        yield* items
+        const pg = yield* PgClient.PgClient
+        const active = yield* Transaction.isActive.pipe(pg.withTransaction)
+        assert.isTrue(active)
+        const exits = yield* Effect.forEach(
+          [1, 2],
+          (id) =>
+            Effect.zipRight(insert(id), id === 2 ? Effect.fail("no") : Effect.void).pipe(
+              pg.withTransaction,
+              Effect.exit
+            ),
+          { concurrency: "unbounded" }
+        ).pipe(pg.withTransaction)
+        assert.deepStrictEqual(
+          exits.map((exit) => Exit.isSuccess(exit)),
+          [true, false]
+        )
+        assert.deepStrictEqual(yield* committedIds, [1])
       })
     )
   })

@@ -1180,6 +1180,11 @@ const parentOf = (context: Context.Context<never>, client: SqlClient.SqlClient |
   const foreign = Context.getOption(context, SqlClient.TransactionConnection)
   if (foreign._tag === "None") return undefined
   const [conn, depth] = foreign.value
+  // One state per connection: concurrent blocks nested in the same foreign transaction share one savepoint
+  // counter and one lock, as blocks nested in ours do. The driver hands out a new connection object per
+  // reservation, so a later transaction on the same pooled session starts afresh.
+  const known = foreignRoots.get(conn)
+  if (known !== undefined) return known
   const adopted = makeTx(
     client ?? Context.unsafeGet(context, SqlClient.SqlClient),
     conn,
@@ -1193,8 +1198,12 @@ const parentOf = (context: Context.Context<never>, client: SqlClient.SqlClient |
   adopted.foreign = true
   const root = new Frame(adopted, undefined, depth, undefined)
   adopted.stack.push(root)
+  foreignRoots.set(conn, root)
   return root
 }
+
+/** The root standing for each transaction other code opened, by its connection. */
+const foreignRoots = new WeakMap<Connection, Frame>()
 
 /** Sends a release still pending in a transaction that is not ours: nothing of ours would send it later. */
 const flushForeign = (root: Frame) =>
@@ -1440,10 +1449,21 @@ const reserveInSandbox: Effect.Effect<Connection, SqlError, Scope.Scope> = Effec
 })
 
 /** @internal */
-export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient> = Layer.effect(
-  SqlClient.SqlClient,
-  Effect.map(SqlClient.SqlClient, wrapClient)
-)
+export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient> = Layer.effectContext(
+  Effect.gen(function* () {
+    const client = yield* SqlClient.SqlClient
+    const services = Context.make(SqlClient.SqlClient, wrapClient(client))
+    // The driver's own tag (@effect/sql-pg's PgClient) is the same client with more methods: when it is there,
+    // its withTransaction goes through the engine too, so that no path opens a transaction behind its back.
+    const driver = yield* Effect.serviceOption(PgClientTag)
+    return driver._tag === "Some"
+      ? Context.add(services, PgClientTag, wrapClient(driver.value))
+      : (services as Context.Context<SqlClient.SqlClient>)
+  })
+) as Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient>
+
+/** @effect/sql-pg's client tag, by its key, so that the engine does not import the driver. */
+const PgClientTag = Context.GenericTag<SqlClient.SqlClient>("@effect/sql-pg/PgClient")
 
 const INT64_MIN = -(2n ** 63n)
 const INT64_MAX = 2n ** 63n - 1n
