@@ -453,7 +453,7 @@ export const HookFailureHandler: Context.Reference<HookFailureHandler, (failure:
  * ```
  */
 export const afterCommit: <X, E, R>(
-  effect: Effect.Effect<X, E, R>
+  effect: Effect.Effect<X, E, R> & HookRequirements<R>
 ) => Effect.Effect<void, TransactionError, R | Current> = (effect) => internal.registerHook("afterCommit", effect)
 
 /**
@@ -484,8 +484,26 @@ export const afterCommit: <X, E, R>(
  * ```
  */
 export const afterRollback: <X, E, R>(
-  effect: Effect.Effect<X, E, R>
+  effect: Effect.Effect<X, E, R> & HookRequirements<R>
 ) => Effect.Effect<void, TransactionError, R | Current> = (effect) => internal.registerHook("afterRollback", effect)
+
+/**
+ * What a hook may require: anything but `Current`. A hook runs after its transaction has ended, outside it, so an
+ * effect that needs `Current` could never run there; the compiler rejects it with this message.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import type { Transaction } from "effect-transaction"
+ *
+ * // `unknown` for an ordinary requirement: the hook is accepted.
+ * const accepted: Transaction.HookRequirements<never> = undefined as unknown
+ * ```
+ */
+export type HookRequirements<R> = [Extract<R, Current>] extends [never]
+  ? unknown
+  : "A hook runs after the transaction has ended, outside it: it cannot require Transaction.Current"
 
 /**
  * The options of `begin`: those of `withTransaction` but `timeout` and `retry`, which need the whole transaction as
