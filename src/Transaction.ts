@@ -66,8 +66,10 @@ export interface Options {
   /** Wait for a snapshot free of serialization anomalies; only with `serializable` and `readOnly: true`. */
   readonly deferrable?: boolean | undefined
   /**
-   * A limit on the whole transaction, from `BEGIN` to the end of `COMMIT`. When it runs out, the body is
-   * interrupted (its running statement cancelled) and the transaction rolled back, failing with `Timeout`.
+   * A limit on the whole call: the wait for a pooled connection, `BEGIN`, the body, `COMMIT`, and with `retry`
+   * every further attempt and the waits between them. When it runs out, the body is interrupted (its running
+   * statement, or `COMMIT`, cancelled with PostgreSQL's cancel request, never through the pool) and the
+   * transaction rolled back, failing with `Timeout`. A body that finishes early returns at once.
    */
   readonly timeout?: Duration.DurationInput | undefined
   /** PostgreSQL's `statement_timeout` for every statement of the transaction (`SET LOCAL`). */
@@ -428,8 +430,10 @@ export const HookFailureHandler: Context.Reference<HookFailureHandler, (failure:
  * Runs `effect` once after the outermost transaction commits, outside it: the connection is back in the pool and
  * the writes are visible to everyone. Registered inside a nested block that rolls back, it is dropped with the
  * block. With `retry`, only the attempt that commits runs its hooks. Hooks run in registration order, before
- * `withTransaction` returns; a failing hook goes to `HookFailureHandler` (logged by default) and never fails the
- * transaction or the other hooks. The hook keeps the services of the place it was registered in. Fails with
+ * `withTransaction` returns, also when the caller is interrupted during or after a `COMMIT` that succeeded (the
+ * interruption takes effect after them); a failing hook goes to `HookFailureHandler` (logged by default) and never
+ * fails the transaction or the other hooks. The hook keeps the services of the place it was registered in, and may
+ * not require `Current` (it runs outside the transaction). Fails with
  * `TransactionClosed` after the block has ended, and with `Unsupported` inside a transaction this library did not
  * open.
  *
@@ -459,8 +463,8 @@ export const afterCommit: <X, E, R>(
 /**
  * Runs `effect` once after the outermost transaction rolls back (its body failed, its `timeout` ran out, its
  * COMMIT failed), outside it. With `retry`, only the last attempt's run, when no attempt committed; attempts that
- * were retried keep no hooks. An interruption of the fiber that runs the transaction from outside rolls it back and
- * runs no hooks. Otherwise as `afterCommit`: dropped with a nested block that rolls back, failures go to
+ * were retried keep no hooks. An interruption of the fiber that runs the transaction from outside, before its
+ * COMMIT, rolls it back and runs no hooks. Otherwise as `afterCommit`: dropped with a nested block that rolls back, failures go to
  * `HookFailureHandler`.
  *
  * @since 0.1.0
