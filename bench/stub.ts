@@ -9,7 +9,24 @@ import type { Connection } from "@effect/sql/SqlConnection"
 import { Effect, Stream } from "effect"
 import { Transaction } from "effect-transaction"
 
-const stubConnection: Connection = {
+/**
+ * Looks like a node-postgres client to the engine (a backend with a process id and secret key), so that
+ * statements take the same path as on a real connection, cancellation included; nothing here is ever called.
+ */
+const stubDriver = {
+  processID: 1,
+  secretKey: 1,
+  host: "/nonexistent",
+  port: 0,
+  emit: () => false,
+  end: () => Promise.resolve(),
+  listenerCount: () => 0,
+  once: () => undefined,
+  off: () => undefined
+}
+
+const stubConnection: Connection & { readonly pg: typeof stubDriver } = {
+  pg: stubDriver,
   execute: () => Effect.succeed([]),
   executeRaw: (sql) =>
     Effect.succeed({ command: sql.trim().toUpperCase() === "COMMIT" ? "COMMIT" : "SELECT", rows: [] }),

@@ -13,6 +13,7 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
+import * as Runtime from "effect/Runtime"
 import type * as Scope from "effect/Scope"
 import type { Dialect } from "./dialect.js"
 
@@ -110,10 +111,21 @@ export class Owned<C> {
     })
   }
 
+  // Callers run uninterruptibly (they take `restore` to open the wait and the statement to interruption), so
+  // nothing can come between the end of `use` and the release; a throw inside `use` is a defect, released too.
   private using<A, E, R>(use: (granted: boolean) => Effect.Effect<A, E, R>): Effect.Effect<A, E, R> {
-    return Effect.ensuring(
+    return Effect.matchCauseEffect(
       Effect.suspend(() => use(true)),
-      Effect.sync(() => this.release())
+      {
+        onFailure: (cause) => {
+          this.release()
+          return Effect.failCause(cause)
+        },
+        onSuccess: (value) => {
+          this.release()
+          return Effect.succeed(value)
+        }
+      }
     )
   }
 
@@ -137,8 +149,14 @@ export class Owned<C> {
    */
   execute<A>(statement: Effect.Effect<A, SqlError>, restore: Restore, deadline?: number): Effect.Effect<A, SqlError> {
     if (!this.dialect.canCancel(this.conn)) return restore(statement)
-    return Effect.flatMap(Effect.forkDaemon(Effect.uninterruptible(statement)), (fiber) => {
-      const joined = deadline === undefined ? Fiber.join(fiber) : this.joinBefore(fiber, deadline)
+    return Effect.suspend(() => {
+      // Started at once: the statement is sent before this returns, and one already answered (a driver that
+      // answers synchronously) costs no wait. The driver's statement needs nothing of the caller's context (its
+      // span is the caller's, around this call), so it runs in a fiber of the default runtime.
+      const fiber = Runtime.runFork(Runtime.defaultRuntime)(Effect.uninterruptible(statement))
+      const done = fiber.unsafePoll()
+      if (done !== null) return done
+      const joined = deadline === undefined ? Effect.flatten(Fiber.await(fiber)) : this.joinBefore(fiber, deadline)
       return Effect.onInterrupt(restore(joined), () => this.stop(fiber))
     })
   }
