@@ -13,6 +13,7 @@ import { EmbeddedPostgres, Transaction, TransactionError } from "effect-transact
 import pg from "pg"
 import { idempotencyCost } from "./idempotency.js"
 import { testIsolation } from "./isolation.js"
+import { stubCpu } from "./stub.js"
 
 const quick = process.argv.includes("--quick")
 /** `--case nested` runs only the cases whose name contains "nested". */
@@ -240,6 +241,9 @@ const main = Effect.gen(function* () {
   console.log(lines.join("\n"))
   yield* sql`DROP TABLE bench_items`
   if (only === undefined || "contended bank".includes(only)) yield* contendedBank
+  if (only === undefined || "stub".includes(only)) {
+    yield* stubCpu(quick ? { transactions: 2000, rounds: 3 } : { transactions: 10_000, rounds: 7 })
+  }
   if (only === undefined || "idempotency".includes(only)) {
     yield* idempotencyCost({ rounds, transactions: quick ? 50 : 300 })
   }

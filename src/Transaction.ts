@@ -68,8 +68,10 @@ export interface Options {
   /** Wait for a snapshot free of serialization anomalies; only with `serializable` and `readOnly: true`. */
   readonly deferrable?: boolean | undefined
   /**
-   * A limit on the whole transaction, from `BEGIN` to the end of `COMMIT`. When it runs out, the body is
-   * interrupted (its running statement cancelled) and the transaction rolled back, failing with `Timeout`.
+   * A limit on the whole call: the wait for a pooled connection, `BEGIN`, the body, `COMMIT`, and with `retry`
+   * every further attempt and the waits between them. When it runs out, the body is interrupted (its running
+   * statement, or `COMMIT`, cancelled with PostgreSQL's cancel request, never through the pool) and the
+   * transaction rolled back, failing with `Timeout`. A body that finishes early returns at once.
    */
   readonly timeout?: Duration.DurationInput | undefined
   /** PostgreSQL's `statement_timeout` for every statement of the transaction (`SET LOCAL`). */
@@ -430,8 +432,10 @@ export const HookFailureHandler: Context.Reference<HookFailureHandler, (failure:
  * Runs `effect` once after the outermost transaction commits, outside it: the connection is back in the pool and
  * the writes are visible to everyone. Registered inside a nested block that rolls back, it is dropped with the
  * block. With `retry`, only the attempt that commits runs its hooks. Hooks run in registration order, before
- * `withTransaction` returns; a failing hook goes to `HookFailureHandler` (logged by default) and never fails the
- * transaction or the other hooks. The hook keeps the services of the place it was registered in. Fails with
+ * `withTransaction` returns, also when the caller is interrupted during or after a `COMMIT` that succeeded (the
+ * interruption takes effect after them); a failing hook goes to `HookFailureHandler` (logged by default) and never
+ * fails the transaction or the other hooks. The hook keeps the services of the place it was registered in, and may
+ * not require `Current` (it runs outside the transaction). Fails with
  * `TransactionClosed` after the block has ended, and with `Unsupported` inside a transaction this library did not
  * open.
  *
@@ -455,14 +459,14 @@ export const HookFailureHandler: Context.Reference<HookFailureHandler, (failure:
  * ```
  */
 export const afterCommit: <X, E, R>(
-  effect: Effect.Effect<X, E, R>
+  effect: Effect.Effect<X, E, R> & HookRequirements<R>
 ) => Effect.Effect<void, TransactionError, R | Current> = (effect) => internal.registerHook("afterCommit", effect)
 
 /**
  * Runs `effect` once after the outermost transaction rolls back (its body failed, its `timeout` ran out, its
  * COMMIT failed), outside it. With `retry`, only the last attempt's run, when no attempt committed; attempts that
- * were retried keep no hooks. An interruption of the fiber that runs the transaction from outside rolls it back and
- * runs no hooks. Otherwise as `afterCommit`: dropped with a nested block that rolls back, failures go to
+ * were retried keep no hooks. An interruption of the fiber that runs the transaction from outside, before its
+ * COMMIT, rolls it back and runs no hooks. Otherwise as `afterCommit`: dropped with a nested block that rolls back, failures go to
  * `HookFailureHandler`.
  *
  * @since 0.1.0
@@ -486,8 +490,26 @@ export const afterCommit: <X, E, R>(
  * ```
  */
 export const afterRollback: <X, E, R>(
-  effect: Effect.Effect<X, E, R>
+  effect: Effect.Effect<X, E, R> & HookRequirements<R>
 ) => Effect.Effect<void, TransactionError, R | Current> = (effect) => internal.registerHook("afterRollback", effect)
+
+/**
+ * What a hook may require: anything but `Current`. A hook runs after its transaction has ended, outside it, so an
+ * effect that needs `Current` could never run there; the compiler rejects it with this message.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import type { Transaction } from "effect-transaction"
+ *
+ * // `unknown` for an ordinary requirement: the hook is accepted.
+ * const accepted: Transaction.HookRequirements<never> = undefined as unknown
+ * ```
+ */
+export type HookRequirements<R> = [Extract<R, Current>] extends [never]
+  ? unknown
+  : "A hook runs after the transaction has ended, outside it: it cannot require Transaction.Current"
 
 /**
  * The options of `begin`: those of `withTransaction` but `timeout` and `retry`, which need the whole transaction as

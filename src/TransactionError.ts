@@ -22,6 +22,8 @@ import * as Predicate from "effect/Predicate"
  * - `Timeout`: the transaction's `timeout` ran out; it was rolled back.
  * - `AcquireTimeout`: no pooled connection became free within `acquireTimeout`; nothing was sent.
  * - `Unsupported`: the call cannot work in this kind of transaction (the message names the alternative).
+ * - `WouldDeadlock`: the fiber waited for the connection held by a block only it can end (one it opened with
+ *   `Transaction.begin`); it failed at once instead of waiting for ever. The message names both blocks.
  * - `KeyReused`: an idempotency key was used before for a different request (`Transaction.idempotent`).
  * - `ReplayFailed`: an outcome recorded by `Transaction.idempotent` no longer decodes with the schema given.
  *
@@ -55,6 +57,7 @@ export const reasons = [
   "Timeout",
   "AcquireTimeout",
   "Unsupported",
+  "WouldDeadlock",
   "KeyReused",
   "ReplayFailed",
   "SerializationFailure",
@@ -112,6 +115,11 @@ export class TransactionError extends Data.TaggedError("TransactionError")<{
   readonly constraint?: string | undefined
   /** With `retry`: how many times the transaction ran before this error was given up on. */
   readonly attempts?: number | undefined
+  /**
+   * `CommitFailed` only: the connection failed before the database answered `COMMIT`, so the transaction may
+   * have committed. Check before running it again.
+   */
+  readonly outcomeUnknown?: boolean | undefined
   readonly cause?: unknown
 }> {
   /**

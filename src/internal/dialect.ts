@@ -1,9 +1,9 @@
-import type { SqlClient } from "@effect/sql/SqlClient"
 import type { Connection } from "@effect/sql/SqlConnection"
 import type { SqlError } from "@effect/sql/SqlError"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Predicate from "effect/Predicate"
+import { sendCancelRequest } from "./pgCancel.js"
 
 /** The transaction characteristics the outermost block was opened with. */
 export interface Characteristics {
@@ -37,8 +37,13 @@ export interface Dialect {
   readonly batch: (statements: ReadonlyArray<string>) => string
   /** Runs COMMIT; succeeds with `false` when the database ended the transaction with a rollback instead. */
   readonly commit: (conn: Connection) => Effect.Effect<boolean, SqlError>
-  /** Asks the database, over another pooled connection, to cancel what `conn` is running. */
-  readonly cancel: (client: SqlClient, conn: Connection) => Effect.Effect<void>
+  /**
+   * Asks the database, out of band (never over a pooled connection), to cancel what `conn` is running. Succeeds
+   * with whether the request reached the database within `deadlineMillis`; never fails.
+   */
+  readonly cancel: (conn: Connection, deadlineMillis: number) => Effect.Effect<boolean>
+  /** Whether `cancel` can reach what `conn` runs; statements on other connections are left to their driver. */
+  readonly canCancel: (conn: Connection) => boolean
   /**
    * Takes a transaction-scoped advisory lock on `key`: waits for it (`wait`), or returns whether it was free.
    * A string key is hashed to a 64-bit key by the database.
@@ -47,10 +52,15 @@ export interface Dialect {
   /** Sets a setting until the end of the transaction; undone by rolling back to an earlier savepoint. */
   readonly setLocal: (conn: Connection, name: string, value: string) => Effect.Effect<void, SqlError>
   readonly rollback: string
-  /** Waits until a statement the driver is still running on the connection (one that was interrupted) has ended. */
-  readonly settle: (conn: Connection) => Effect.Effect<void>
+  /**
+   * Waits until the driver has nothing left in flight on the connection (a stream's cursor being closed), or the
+   * connection has ended; succeeds with `false` if neither happened within `deadlineMillis`.
+   */
+  readonly settle: (conn: Connection, deadlineMillis: number) => Effect.Effect<boolean>
   /** Makes sure the connection is closed instead of going back to the pool. */
   readonly destroy: (conn: Connection) => Effect.Effect<void>
+  /** Closes the connection's socket now, so that whatever it still runs ends with an error. */
+  readonly terminate: (conn: Connection) => Effect.Effect<void>
 }
 
 interface PgLikeClient {
@@ -62,6 +72,12 @@ interface PgLikeClient {
   readonly readyForQuery?: boolean
   readonly _queryQueue?: ReadonlyArray<unknown>
   readonly _ending?: boolean
+  readonly _ended?: boolean
+  readonly host?: unknown
+  readonly port?: unknown
+  readonly processID?: unknown
+  readonly secretKey?: unknown
+  readonly connection?: { readonly stream?: { readonly destroy?: () => void } }
 }
 
 const pgClientOf = (conn: Connection): PgLikeClient | undefined => {
@@ -105,11 +121,17 @@ export const postgres: Dialect = {
       const command = Predicate.isObject(last) ? (last as { readonly command?: unknown }).command : undefined
       return command !== "ROLLBACK"
     }),
-  // PostgreSQL turns off statement_timeout before COMMIT runs deferred triggers, so a slow COMMIT is cancelled
-  // from another connection; it still commits if the cancel arrives after the commit record is written.
-  cancel: (client, conn) => {
-    const pid = (pgClientOf(conn) as { readonly processID?: unknown } | undefined)?.processID
-    return typeof pid === "number" ? Effect.ignore(client.unsafe("SELECT pg_cancel_backend($1)", [pid])) : Effect.void
+  // PostgreSQL turns off statement_timeout before COMMIT runs deferred triggers, so a slow COMMIT is cancelled by
+  // a cancel request; it still commits if the request arrives after the commit record is written.
+  canCancel: (conn) => typeof pgClientOf(conn)?.processID === "number",
+  cancel: (conn, deadlineMillis) => {
+    const client = pgClientOf(conn)
+    if (client === undefined) return Effect.succeed(false)
+    const { host, port, processID, secretKey } = client
+    if (typeof host !== "string" || typeof processID !== "number" || typeof secretKey !== "number") {
+      return Effect.succeed(false)
+    }
+    return sendCancelRequest({ host, port: Number(port ?? 5432), processID, secretKey }, deadlineMillis)
   },
   advisoryLock: (conn, key, wait) => {
     const fn = wait ? "pg_advisory_xact_lock" : "pg_try_advisory_xact_lock"
@@ -123,23 +145,28 @@ export const postgres: Dialect = {
   setLocal: (conn, name, value) =>
     Effect.asVoid(conn.execute("SELECT set_config($1, $2, true)", [name, value], undefined)),
   rollback: "ROLLBACK",
-  // node-postgres queues a query sent while another runs; an interrupted query keeps running until the server
-  // answers its cancellation, and the client says "drain" when nothing is left in flight.
-  settle: (conn) => {
+  // node-postgres says "drain" when nothing is left in flight. After an unexpected disconnect it marks the client
+  // `_ended` and says "end" once, perhaps before this looks: an ended client has nothing in flight.
+  settle: (conn, deadlineMillis) => {
     const client = pgClientOf(conn)
-    const busy = (c: PgLikeClient) => c.readyForQuery === false || (c._queryQueue?.length ?? 0) > 0
-    if (client === undefined || client._ending === true || !busy(client)) return Effect.void
-    return Effect.async<void>((resume) => {
-      const done = () => {
-        client.off("drain", done)
-        client.off("end", done)
-        resume(Effect.void)
+    const busy = (c: PgLikeClient) =>
+      c._ending !== true && c._ended !== true && (c.readyForQuery === false || (c._queryQueue?.length ?? 0) > 0)
+    if (client === undefined || !busy(client)) return Effect.succeed(true)
+    return Effect.async<boolean>((resume) => {
+      const done = (settled: boolean) => () => {
+        clearTimeout(timer)
+        client.off("drain", drained)
+        client.off("end", drained)
+        resume(Effect.succeed(settled))
       }
-      client.once("drain", done)
-      client.once("end", done)
+      const drained = done(true)
+      const timer = setTimeout(done(false), deadlineMillis)
+      client.once("drain", drained)
+      client.once("end", drained)
       return Effect.sync(() => {
-        client.off("drain", done)
-        client.off("end", done)
+        clearTimeout(timer)
+        client.off("drain", drained)
+        client.off("end", drained)
       })
     })
   },
@@ -151,6 +178,16 @@ export const postgres: Dialect = {
       if (client === undefined) return
       const error = new Error("effect-transaction: connection state unknown, discarded")
       if (client.listenerCount("error") > 0) client.emit("error", error)
+      else client.end().catch(() => undefined)
+    }),
+  // node-postgres ends every query in flight with an error when its socket closes, and reports the error to the
+  // pool, which then discards the client.
+  terminate: (conn) =>
+    Effect.sync(() => {
+      const client = pgClientOf(conn)
+      if (client === undefined) return
+      const stream = client.connection?.stream
+      if (stream?.destroy !== undefined) stream.destroy()
       else client.end().catch(() => undefined)
     })
 }

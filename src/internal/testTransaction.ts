@@ -9,22 +9,11 @@ import type * as TestTransaction from "../TestTransaction.js"
 import type * as Transaction from "../Transaction.js"
 import { TransactionError } from "../TransactionError.js"
 import { CurrentDialect } from "./dialect.js"
-import {
-  type CapturedHook,
-  checkBeginOptions,
-  closeConnection,
-  Current,
-  type Frame,
-  finishNested,
-  finishOutermost,
-  HookCapture,
-  isSandboxed,
-  open,
-  openNested,
-  provideFrame,
-  sandboxError,
-  wrapClient
-} from "./transaction.js"
+import { Current, type Frame, finishNested, openNested, provideFrame, sandboxError } from "./blocks.js"
+import { type CapturedHook, HookCapture } from "./hooks.js"
+import { checkBeginOptions } from "./options.js"
+import { closeConnection, finishOutermost, open } from "./outermost.js"
+import { isSandboxed, wrapClient } from "./propagation.js"
 
 const missingClient = (what: string) =>
   Effect.dieMessage(

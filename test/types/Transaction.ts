@@ -135,6 +135,11 @@ const hookInTransaction = Transaction.withTransaction(hook)
 expect<Equals<Effect.Effect.Context<typeof hookInTransaction>, Repo | SqlClient.SqlClient>>(true)
 // @ts-expect-error Current is not provided
 Effect.runPromise(Transaction.afterRollback(Effect.void))
+// A hook runs after the transaction, outside it: it cannot require Current.
+// @ts-expect-error the hook requires Current
+Transaction.afterCommit(Effect.map(Transaction.Current, (current) => current.id))
+// @ts-expect-error the hook requires Current
+Transaction.afterRollback(Transaction.setLocal("app.user", "1"))
 
 // requiresNew provides its own Current.
 const independent = Transaction.requiresNew(needsRepo, { acquireTimeout: "1 second" })

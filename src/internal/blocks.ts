@@ -1,0 +1,746 @@
+/**
+ * The blocks of one transaction: the transaction state (`Tx`, one per connection, also for a transaction other
+ * code opened), the stack of open blocks (`Frame`, the outermost first), savepoint names and deferred RELEASE,
+ * abort tracking, the guarded connection every statement of a block runs on (which block may use the connection
+ * now is the policy this file gives connection.ts), and the opening and ending of nested blocks. The outermost
+ * block's lifecycle is outermost.ts's; the hooks that blocks collect are hooks.ts's.
+ */
+import * as SqlClient from "@effect/sql/SqlClient"
+import type { Connection } from "@effect/sql/SqlConnection"
+import { SqlError } from "@effect/sql/SqlError"
+import * as Cause from "effect/Cause"
+import * as Context from "effect/Context"
+import * as Effect from "effect/Effect"
+import * as Equal from "effect/Equal"
+import * as Exit from "effect/Exit"
+import type * as FiberId from "effect/FiberId"
+import type * as Scope from "effect/Scope"
+import * as Stream from "effect/Stream"
+import type * as Transaction from "../Transaction.js"
+import { databaseInfo, TransactionError } from "../TransactionError.js"
+import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
+import { Owned, type Policy } from "./connection.js"
+import type { Hook } from "./hooks.js"
+import { transactionControlOf } from "./sqlScan.js"
+
+/** @internal */
+export const Current = Context.GenericTag<Transaction.Current, Transaction.Transaction>(
+  "effect-transaction/Transaction/Current"
+)
+
+let nextTransactionId = 1
+
+/** What a fiber asks the connection for: a statement or a new nested block of `frame`, or the end of a block. */
+interface Claim {
+  readonly frame: Frame
+  /** A statement or a new nested block needs its block innermost; ending a block only needs a free connection. */
+  readonly kind: "statement" | "end"
+}
+
+/** A statement may run only in the innermost open block, and never once its block has closed. */
+const blockPolicy = (stack: ReadonlyArray<Frame>): Policy<Claim> => ({
+  mayUse: (claim) => claim.kind === "end" || stack[stack.length - 1] === claim.frame,
+  refused: (claim) => claim.kind === "statement" && !claim.frame.open
+})
+
+/**
+ * One outermost transaction. Its connection carries one statement at a time (`busy`), and only for the innermost
+ * open block (the top of `stack`): a nested block owns the connection until it ends, so the fibers of outer or
+ * sibling blocks wait, and the result is as if the blocks had run one after another.
+ */
+export interface Tx {
+  readonly id: number
+  readonly client: SqlClient.SqlClient
+  readonly conn: Connection
+  readonly dialect: Dialect
+  readonly characteristics: Characteristics
+  /** The open blocks, outermost first. */
+  readonly stack: Array<Frame>
+  /** The connection and who holds it. */
+  readonly owned: Owned<Claim>
+  /** Counter for savepoint names, unique within the transaction. */
+  savepoints: number
+  /** A savepoint whose block succeeded; its RELEASE travels with the next control statement. */
+  pendingRelease: string | undefined
+  /** A transaction opened by other code (not this engine) that a block nested in: its end is not ours to see. */
+  foreign: boolean
+  /** How the outermost block ended, once it has: which hooks run. */
+  outcome: "committed" | "rolledBack" | "unknown" | undefined
+  /** A test transaction of TestTransaction: never committed; the code under test runs in blocks nested in it. */
+  sandbox: boolean
+}
+
+export const makeTx = (
+  client: SqlClient.SqlClient,
+  conn: Connection,
+  dialect: Dialect,
+  characteristics: Characteristics
+): Tx => {
+  const stack: Array<Frame> = []
+  return {
+    id: nextTransactionId++,
+    client,
+    conn,
+    dialect,
+    characteristics,
+    stack,
+    owned: new Owned(conn, dialect, blockPolicy(stack)),
+    savepoints: 0,
+    pendingRelease: undefined,
+    foreign: false,
+    outcome: undefined,
+    sandbox: false
+  }
+}
+
+/** One block: the outermost transaction (depth 0) or a nested savepoint. */
+/** @internal */
+export class Frame implements Transaction.Transaction {
+  open = true
+  /** Closed because an outer block ended first; its savepoint was rolled back by that block. */
+  abandoned = false
+  /** A statement inside this block failed, so the database refuses further work until it is rolled back. */
+  aborted = false
+  /** The statement that aborted the block, and its error, when one did. */
+  abortedBy: { readonly sql: string; readonly error: unknown } | undefined = undefined
+  /** Hooks registered in this block; handed to the parent when it succeeds, dropped when it rolls back. */
+  hooks: Array<Hook> = []
+  /**
+   * In a test transaction: the block one test runs in. Its own statements run as if autocommitted, each in a
+   * savepoint, and a block opened in it is the code under test's outermost transaction (`declared` is set).
+   */
+  test = false
+  /** In a test transaction: the suite's root once seeded; only TestTransaction.isolate may open a block in it. */
+  sealed = false
+  /**
+   * In a test transaction: the block stands for an outermost transaction of the code under test, which asked for
+   * these characteristics. It is checked and runs its hooks at its end, its "virtual commit".
+   */
+  declared: Characteristics | undefined = undefined
+  /** The fiber that opened the block with the manual handle: only a call on the handle ends it. */
+  openedBy: FiberId.FiberId | undefined = undefined
+  /** How a block with `declared` characteristics ended: its virtual commit or rollback. */
+  outcome: "committed" | "rolledBack" | undefined = undefined
+  readonly connection: Connection
+  readonly statementClaim: Claim = { frame: this, kind: "statement" }
+  readonly endClaim: Claim = { frame: this, kind: "end" }
+
+  constructor(
+    readonly tx: Tx,
+    readonly parent: Frame | undefined,
+    readonly depth: number,
+    readonly savepoint: string | undefined
+  ) {
+    this.connection = guardConnection(this)
+  }
+
+  get id() {
+    return this.tx.id
+  }
+  /** What the transaction this block belongs to gives: the real one's, or, in a test, the code's declared ones. */
+  get characteristics(): Characteristics {
+    for (let frame: Frame | undefined = this; frame !== undefined; frame = frame.parent) {
+      if (frame.declared !== undefined) return frame.declared
+    }
+    return this.tx.characteristics
+  }
+  get isolation() {
+    return this.characteristics.isolation
+  }
+  get readOnly() {
+    return this.characteristics.readOnly === true
+  }
+  get deferrable() {
+    return this.characteristics.deferrable === true
+  }
+  get isOpen() {
+    return this.open
+  }
+  get name() {
+    return this.savepoint ?? ""
+  }
+  describe() {
+    return this.depth === 0 || this.savepoint === undefined
+      ? `transaction ${this.tx.id}`
+      : `nested block ${this.savepoint} of transaction ${this.tx.id}`
+  }
+}
+
+export const closedTransactionError = (frame: Frame, what: string) =>
+  new TransactionError({
+    reason: "TransactionClosed",
+    message: frame.tx.sandbox
+      ? `${what} on ${frame.describe()} after it ended, in a test under TestTransaction. A fiber forked by the ` +
+        "test (or by the code under test) outlived the block or the test it belongs to: join or interrupt it " +
+        "before the test returns. Effect.fork is interrupted with its parent; Effect.forkDaemon and Effect.forkIn " +
+        "are not."
+      : `${what} on ${frame.describe()} after it ended. ` +
+        "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
+        "or run the work in its own transaction (Transaction.requiresNew opens one from such a fiber)."
+  })
+
+/** Errors of code that runs in a test transaction as it never would in production. */
+/** @internal */
+export const sandboxError = (message: string) => new TransactionError({ reason: "Unsupported", message })
+
+/** @internal */
+export const sealedError = () =>
+  sandboxError(
+    "TestTransaction: a statement or transaction ran in a suite built with TestTransaction.layer, but outside " +
+      "TestTransaction.isolate, so it would not be rolled back after its test and later tests would see its " +
+      "writes. Wrap each test's effect in TestTransaction.isolate; put shared set-up in the layer's seed option."
+  )
+
+const controlStatementError = (sql: string) =>
+  new SqlError({
+    message: "TestTransaction refused a transaction control statement",
+    cause: sandboxError(
+      `TestTransaction: the code under test sent ${JSON.stringify(sql.trim().slice(0, 60))} itself. In a test ` +
+        "that would end or break the test transaction and let its writes escape, so it was not sent. Use " +
+        "Transaction.withTransaction (or sql.withTransaction with Transaction.layer) instead of sending BEGIN, " +
+        "COMMIT or ROLLBACK yourself."
+    )
+  })
+
+const closedError = (frame: Frame) =>
+  new SqlError({
+    message: `${frame.describe()} has already ended`,
+    cause: closedTransactionError(frame, "A statement was run")
+  })
+
+export const innermost = (tx: Tx) => tx.stack[tx.stack.length - 1]
+
+/** Holding the connection is uninterruptible unless a caller's `restore` says otherwise (the end of a block). */
+export const held: Restore = (effect) => effect
+
+type Restore = <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+
+/** Marks the block aborted; the first statement that did it is kept for the error its end reports. */
+const markAborted = (frame: Frame, sql?: string, cause?: Cause.Cause<unknown>) =>
+  Effect.sync(() => {
+    frame.aborted = true
+    if (sql !== undefined && frame.abortedBy === undefined && cause !== undefined && !Cause.isInterruptedOnly(cause)) {
+      frame.abortedBy = { sql, error: Cause.squash(cause) }
+    }
+  })
+
+/** Sends a deferred RELEASE before a statement, so open savepoints never outnumber open blocks. */
+const flushPendingRelease = (frame: Frame): Effect.Effect<void, SqlError> => {
+  const tx = frame.tx
+  const name = tx.pendingRelease!
+  tx.pendingRelease = undefined
+  return Effect.asVoid(
+    Effect.tapError(tx.conn.executeUnprepared(tx.dialect.release(name), [], undefined), () => markAborted(frame))
+  )
+}
+
+/** Runs a statement of `frame`, holding the connection; a failed or interrupted one aborts the block. */
+const runHeld = <A>(
+  frame: Frame,
+  sql: string,
+  run: () => Effect.Effect<A, SqlError>,
+  restore: Restore
+): Effect.Effect<A, SqlError> => {
+  const tx = frame.tx
+  const statement =
+    tx.pendingRelease === undefined
+      ? tx.owned.execute(run(), restore)
+      : Effect.zipRight(
+          flushPendingRelease(frame),
+          Effect.suspend(() => tx.owned.execute(run(), restore))
+        )
+  return Effect.onError(statement, (cause) => markAborted(frame, sql, cause))
+}
+
+/** `sql` preceded by the release still pending, if any, so that both travel in one round trip; clears it. */
+const withPendingRelease = (tx: Tx, sql: string | undefined): string | undefined => {
+  const pending = tx.pendingRelease
+  tx.pendingRelease = undefined
+  if (pending === undefined) return sql
+  const release = tx.dialect.release(pending)
+  return sql === undefined ? release : tx.dialect.batch([release, sql])
+}
+
+/**
+ * Runs a statement of a test's own block (holding the connection) in a savepoint of its own, as if autocommitted:
+ * if it fails, only it is undone and the test goes on. The savepoint's release travels with the next control
+ * statement.
+ */
+const runAtomic = <A>(
+  frame: Frame,
+  statement: () => Effect.Effect<A, SqlError>,
+  restore: Restore
+): Effect.Effect<A, SqlError> => {
+  const tx = frame.tx
+  const name = `etx_${++tx.savepoints}`
+  const open = withPendingRelease(tx, tx.dialect.savepoint(name))!
+  return Effect.matchCauseEffect(
+    Effect.zipRight(
+      run(tx.conn, open),
+      Effect.suspend(() => tx.owned.execute(statement(), restore))
+    ),
+    {
+      onFailure: (cause) => Effect.zipRight(undoStatement(frame, name), Effect.failCause(cause)),
+      onSuccess: (value) => {
+        tx.pendingRelease = name
+        return Effect.succeed(value)
+      }
+    }
+  )
+}
+
+const undoStatement = (frame: Frame, name: string) =>
+  Effect.catchAllCause(run(frame.tx.conn, frame.tx.dialect.rollbackTo(name)), () => markAborted(frame))
+
+/** Why a statement may not run in a test transaction at all, if it may not. */
+const refusedInSandbox = (frame: Frame, sql: string): SqlError | undefined => {
+  if (frame.sealed) return new SqlError({ message: "TestTransaction refused a statement", cause: sealedError() })
+  return transactionControlOf(sql) === undefined ? undefined : controlStatementError(sql)
+}
+
+/**
+ * The block a fiber would wait for for ever: one it opened itself with the manual handle, open inside `frame`, so
+ * that `frame`'s statement could run only once this very fiber had ended it.
+ */
+const selfBlocking = (frame: Frame, fiber: FiberId.FiberId): Frame | undefined => {
+  const stack = frame.tx.stack
+  for (let i = stack.length - 1; i >= 0 && stack[i] !== frame; i--) {
+    const block = stack[i]!
+    if (block.openedBy !== undefined && Equal.equals(block.openedBy, fiber)) return block
+  }
+  return undefined
+}
+
+const wouldDeadlockError = (frame: Frame, what: string, holder: Frame) =>
+  new TransactionError({
+    reason: "WouldDeadlock",
+    message:
+      `${what} in ${frame.describe()} would wait for the connection, which ${holder.describe()} holds until it ends; ` +
+      "this same fiber opened that block with Transaction.begin and is the one that would end it, so it would " +
+      "wait for ever. Nothing was sent. Run the work through the handle (handle.run), or commit or roll back the " +
+      "handle first."
+  })
+
+/** Fails at once when the current fiber would wait for a block only it can end. */
+const unlessSelfBlocking = <A, E>(
+  frame: Frame,
+  what: string,
+  onError: (error: TransactionError) => E,
+  effect: Effect.Effect<A, E>
+): Effect.Effect<A, E> =>
+  innermost(frame.tx) === frame || frame.tx.stack.length === 0
+    ? effect
+    : Effect.withFiberRuntime((fiber) => {
+        const holder = selfBlocking(frame, fiber.id())
+        return holder === undefined ? effect : Effect.fail(onError(wouldDeadlockError(frame, what, holder)))
+      })
+
+/** Called by @effect/sql when the statement runs, so the checks see the block as it is at that moment. */
+const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
+  Effect.uninterruptibleMask((restore) => {
+    const tx = frame.tx
+    if (!frame.open) return Effect.fail(closedError(frame))
+    if (tx.sandbox) {
+      const refused = refusedInSandbox(frame, sql)
+      if (refused !== undefined) return Effect.fail(refused)
+    }
+    if (frame.test) {
+      // A test's own statement stands for an autocommitted one, which production would run on another pooled
+      // connection: it does not wait for the code under test's open transactions to end (that could deadlock
+      // where production cannot), only for the connection to be free, and runs inside whatever block is open.
+      return tx.owned.withConnection(frame.endClaim, restore, () =>
+        frame.open ? runAtomic(frame, run, restore) : Effect.fail(closedError(frame))
+      )
+    }
+    return unlessSelfBlocking(
+      frame,
+      "A statement",
+      (error) => new SqlError({ message: error.message, cause: error }),
+      tx.owned.withConnection(frame.statementClaim, restore, (ok) =>
+        ok ? runHeld(frame, sql, run, restore) : Effect.fail(closedError(frame))
+      )
+    )
+  })
+
+/**
+ * Holds the connection for a stream until the stream's scope closes, and returns what the stream runs after its
+ * own finalizers (@effect/sql-pg closes its cursor there, and a statement sent before that would take the answer
+ * the cursor waits for). A test's own stream runs in a savepoint, released or rolled back when it ends.
+ */
+const holdForStream = (
+  frame: Frame,
+  sql: string,
+  started: () => boolean,
+  restore: Restore
+): Effect.Effect<(exit: Exit.Exit<unknown, unknown>) => Effect.Effect<void>, SqlError, Scope.Scope> => {
+  const tx = frame.tx
+  const refused = tx.sandbox ? refusedInSandbox(frame, sql) : undefined
+  if (refused !== undefined) return Effect.fail(refused)
+  return Effect.flatMap(
+    tx.owned.hold(frame.test ? frame.endClaim : frame.statementClaim, restore, () => closedError(frame)),
+    () => {
+      if (!frame.open) return Effect.fail(closedError(frame))
+      let done = false
+      const name = frame.test ? `etx_${++tx.savepoints}` : undefined
+      const finish = (exit: Exit.Exit<unknown, unknown>): Effect.Effect<void> =>
+        Effect.suspend(() => {
+          if (done) return Effect.void
+          done = true
+          return Effect.zipRight(
+            tx.owned.settle(),
+            name === undefined
+              ? Effect.void
+              : Exit.isSuccess(exit)
+                ? Effect.sync(() => {
+                    tx.pendingRelease = name
+                  })
+                : undoStatement(frame, name)
+          )
+        })
+      const sql = withPendingRelease(tx, name === undefined ? undefined : tx.dialect.savepoint(name))
+      const prepare = sql === undefined ? Effect.void : run(tx.conn, sql)
+      // Hands the connection back if the stream never started (it was interrupted first).
+      return Effect.as(
+        Effect.zipRight(
+          Effect.addFinalizer((exit) => (started() ? Effect.void : finish(exit))),
+          Effect.tapError(prepare, () => markAborted(frame))
+        ),
+        finish
+      )
+    }
+  )
+}
+
+const guardConnection = (frame: Frame): Connection => {
+  const conn = frame.tx.conn
+  return {
+    execute: (sql, params, transformRows) => guarded(frame, sql, () => conn.execute(sql, params, transformRows)),
+    executeRaw: (sql, params) => guarded(frame, sql, () => conn.executeRaw(sql, params)),
+    executeValues: (sql, params) => guarded(frame, sql, () => conn.executeValues(sql, params)),
+    executeUnprepared: (sql, params, transformRows) =>
+      guarded(frame, sql, () => conn.executeUnprepared(sql, params, transformRows)),
+    // A stream holds the connection until it has ended.
+    executeStream: (sql, params, transformRows) =>
+      Stream.suspend(() => {
+        let started = false
+        const rows = Stream.suspend(() => {
+          started = true
+          const stream = conn.executeStream(sql, params, transformRows)
+          return frame.test ? stream : Stream.tapErrorCause(stream, (cause) => markAborted(frame, sql, cause))
+        })
+        return Stream.unwrapScoped(
+          Effect.uninterruptibleMask((restore) =>
+            Effect.map(
+              holdForStream(frame, sql, () => started, restore),
+              (finish) => Stream.ensuringWith(rows, finish)
+            )
+          )
+        )
+      })
+  }
+}
+
+/** @internal */
+export const provideFrame = <A, E, R>(effect: Effect.Effect<A, E, R>, frame: Frame): Effect.Effect<A, E, R> =>
+  Effect.mapInputContext(effect, (context: Context.Context<R>) => {
+    // One copy of the context instead of one per added service.
+    const services = new Map(context.unsafeMap)
+    services.set(Current.key, frame)
+    services.set(SqlClient.TransactionConnection.key, [frame.connection, frame.depth])
+    return Context.unsafeMake(services)
+  })
+
+const hints: Record<string, string> = {
+  "40001": "Another transaction changed data this one depends on. Run the whole transaction again; it may succeed.",
+  "40P01": "Two transactions waited on each other's locks. Run the whole transaction again; it may succeed.",
+  "23503":
+    "A deferred foreign key is checked at COMMIT. Fix the rows the transaction writes, or make the constraint " +
+    "NOT DEFERRABLE to see the error at the statement that causes it.",
+  "23505":
+    "A deferred unique constraint is checked at COMMIT. Fix the rows the transaction writes, or make the " +
+    "constraint NOT DEFERRABLE to see the error at the statement that causes it.",
+  "25P02":
+    "A statement inside the block failed and its error was caught, which leaves the block aborted. Let the error " +
+    "fail the block (an outer block can catch it), or wrap the failing statement in its own nested withTransaction."
+}
+
+export const controlError = (
+  reason: "BeginFailed" | "CommitFailed" | "RollbackFailed" | "SavepointFailed",
+  what: string,
+  consequence: string,
+  cause: unknown,
+  outcomeUnknown?: boolean
+) => {
+  const info = databaseInfo(cause)
+  const retryable =
+    info.sqlState === "40001" ? "SerializationFailure" : info.sqlState === "40P01" ? "Deadlock" : undefined
+  const hint = info.sqlState === undefined ? undefined : hints[info.sqlState]
+  return new TransactionError({
+    reason: retryable ?? reason,
+    message:
+      `${what} failed: ${info.message}${info.sqlState === undefined ? "" : ` (SQLSTATE ${info.sqlState})`}. ` +
+      `${consequence}${hint === undefined ? "" : ` ${hint}`}`,
+    sqlState: info.sqlState,
+    constraint: info.constraint,
+    outcomeUnknown,
+    cause
+  })
+}
+
+export const abortedError = (frame: Frame) => {
+  const by = frame.abortedBy
+  const statement =
+    by === undefined
+      ? "a statement inside it failed"
+      : `the statement ${JSON.stringify(by.sql.trim().slice(0, 120))} inside it failed (${databaseInfo(by.error).message})`
+  return new TransactionError({
+    reason: frame.depth === 0 ? "CommitFailed" : "SavepointFailed",
+    message:
+      `${frame.describe()} returned successfully, but ${statement}, so the database had aborted ` +
+      `it; it was rolled back and nothing of it was kept. ${hints["25P02"]}`,
+    sqlState: "25P02",
+    cause: by?.error
+  })
+}
+
+export const run = (conn: Connection, sql: string) => Effect.asVoid(conn.executeUnprepared(sql, [], undefined))
+
+/**
+ * Closes the blocks still open inside `frame` and rolls their writes back: a block that ends before the nested
+ * blocks its fibers started keeps none of their unfinished work. Their fibers' next statement is refused.
+ */
+export const closeInner = (frame: Frame): Effect.Effect<void> =>
+  Effect.suspend(() => {
+    const tx = frame.tx
+    const inner = tx.stack.splice(tx.stack.indexOf(frame) + 1)
+    if (inner.length === 0) return Effect.void
+    for (const block of inner) {
+      block.open = false
+      block.abandoned = true
+    }
+    tx.pendingRelease = undefined
+    return Effect.catchAllCause(run(tx.conn, tx.dialect.rollbackTo(inner[0]!.savepoint!)), () => markAborted(frame))
+  })
+
+/** Passes the hooks of a block that succeeded to the block around it (a loop: there may be very many). */
+const handHooksTo = (parent: Frame, hooks: ReadonlyArray<Hook>): void => {
+  for (const hook of hooks) parent.hooks.push(hook)
+}
+
+/**
+ * Closes the savepoints still open inside `frame` keeping their writes, as releasing or committing `frame` does in
+ * SQL: their hooks pass down to `frame`, and an aborted one aborts `frame`. Used by the manual handle.
+ */
+export const keepInner = (frame: Frame): void => {
+  const tx = frame.tx
+  const inner = tx.stack.splice(tx.stack.indexOf(frame) + 1)
+  for (let i = inner.length - 1; i >= 0; i--) {
+    const block = inner[i]!
+    block.open = false
+    if (block.aborted) {
+      frame.aborted = true
+      frame.abortedBy ??= block.abortedBy
+    }
+    handHooksTo(block.parent!, block.hooks)
+  }
+}
+
+const abandonedResult = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> =>
+  Exit.isFailure(exit)
+    ? exit
+    : Effect.fail(
+        new TransactionError({
+          reason: "TransactionClosed",
+          message:
+            `${frame.describe()} was still running when an outer block ended, so its writes were rolled back ` +
+            "with it. Join the fiber that runs a nested block before the outer block returns."
+        })
+      )
+
+/**
+ * Ends a nested block: releases its savepoint when `exit` succeeded, rolls it back otherwise. Blocks still open
+ * inside it are rolled back or kept, as for `finishOutermost`. A block standing for the code's outermost
+ * transaction in a test records how its virtual commit ended.
+ *
+ * @internal
+ */
+export const finishNested = <A, E>(
+  frame: Frame,
+  exit: Exit.Exit<A, E>,
+  inner: "rollback" | "keep" = "rollback"
+): Effect.Effect<A, E | TransactionError> =>
+  frame.declared === undefined
+    ? endNested(frame, exit, inner)
+    : Effect.onExit(endNested(frame, exit, inner), (ended) =>
+        Effect.sync(() => {
+          frame.outcome = Exit.isSuccess(ended) ? "committed" : "rolledBack"
+        })
+      )
+
+const endNested = <A, E>(
+  frame: Frame,
+  exit: Exit.Exit<A, E>,
+  inner: "rollback" | "keep"
+): Effect.Effect<A, E | TransactionError> => {
+  const tx = frame.tx
+  if (frame.abandoned) return abandonedResult(frame, exit)
+  const name = frame.savepoint!
+  // Called with the connection held; hands it on.
+  const end = (): Effect.Effect<A, E | TransactionError> => {
+    tx.stack.pop()
+    frame.open = false
+    if (Exit.isSuccess(exit) && !frame.aborted) {
+      if (frame.declared !== undefined) return virtualCommit(frame, exit)
+      // Releasing this savepoint releases any deeper one still pending.
+      tx.pendingRelease = name
+      handHooksTo(frame.parent!, frame.hooks)
+      return exit
+    }
+    // Rolling back to this savepoint destroys any deeper one still pending.
+    tx.pendingRelease = undefined
+    return rollbackNested(frame, exit)
+  }
+  return tx.owned.withConnection(frame.endClaim, held, (): Effect.Effect<A, E | TransactionError> => {
+    // An outer block may have ended while this one waited for the connection.
+    if (frame.abandoned) return abandonedResult(frame, exit)
+    if (innermost(tx) === frame) return end()
+    if (inner === "rollback") return Effect.flatMap(closeInner(frame), end)
+    keepInner(frame)
+    return end()
+  })
+}
+
+/** Rolls a nested block back to its savepoint, holding the connection, and hands the connection on. */
+const rollbackNested = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
+  const tx = frame.tx
+  return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollbackTo(frame.savepoint!)), {
+    onFailure: (cause) => {
+      frame.parent!.aborted = true
+      const error = controlError(
+        "SavepointFailed",
+        `ROLLBACK TO SAVEPOINT of ${frame.describe()}`,
+        "The outer transaction cannot go on and will be rolled back.",
+        Cause.squash(cause)
+      )
+      return Exit.isFailure(exit) ? Effect.failCause(Cause.sequential(exit.cause, Cause.fail(error))) : error
+    },
+    onSuccess: (): Effect.Effect<A, E | TransactionError> =>
+      Exit.isFailure(exit) ? exit : Effect.fail(abortedError(frame))
+  })
+}
+
+/**
+ * The end of the code under test's outermost transaction in a test transaction: what COMMIT would check (the
+ * deferred constraints) is checked now; if it fails, the block is rolled back and fails as COMMIT would have.
+ */
+const virtualCommit = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> => {
+  const tx = frame.tx
+  const sql = withPendingRelease(tx, tx.dialect.checkDeferred(`etx_${++tx.savepoints}`))!
+  return Effect.matchCauseEffect(run(tx.conn, sql), {
+    onFailure: (cause) =>
+      rollbackNested(
+        frame,
+        Exit.fail(
+          controlError(
+            "CommitFailed",
+            `COMMIT of ${frame.describe()} (checked by TestTransaction where the code under test commits)`,
+            "It was rolled back; nothing of it was kept, as COMMIT would have done.",
+            Cause.squash(cause)
+          )
+        )
+      ),
+    onSuccess: (): Effect.Effect<A, E | TransactionError> => {
+      tx.pendingRelease = frame.savepoint
+      return exit
+    }
+  })
+}
+
+/** Opens a savepoint for a block nested in `parent`, once `parent` may use the connection. */
+/** @internal */
+export const openNested = (
+  parent: Frame,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<Frame, TransactionError> =>
+  unlessSelfBlocking(
+    parent,
+    "A nested block",
+    (error) => error,
+    parent.tx.owned.withConnection(parent.statementClaim, restore, (ok) => {
+      if (!ok) return Effect.fail(closedTransactionError(parent, "A nested block was started"))
+      const tx = parent.tx
+      const name = `etx_${++tx.savepoints}`
+      const sql = withPendingRelease(tx, tx.dialect.savepoint(name))!
+      return Effect.matchCauseEffect(run(tx.conn, sql), {
+        onFailure: (cause) => {
+          parent.aborted = true
+          return controlError(
+            "SavepointFailed",
+            `SAVEPOINT for a nested block of ${parent.describe()}`,
+            "The nested block did not run.",
+            Cause.squash(cause)
+          )
+        },
+        onSuccess: () => {
+          const frame = new Frame(tx, parent, parent.depth + 1, name)
+          tx.stack.push(frame)
+          return Effect.succeed(frame)
+        }
+      })
+    })
+  )
+
+export const nested = <A, E, R>(
+  parent: Frame,
+  effect: Effect.Effect<A, E, R>,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+): Effect.Effect<A, E | TransactionError, R> =>
+  Effect.flatMap(openNested(parent, restore), (frame) =>
+    Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishNested(frame, exit))
+  )
+
+/**
+ * The block a new block nests in: ours, or a root standing for a transaction other code opened on this fiber
+ * (`TransactionConnection` without `Current`), whose end is not ours to see.
+ */
+export const parentOf = (
+  context: Context.Context<never>,
+  client: SqlClient.SqlClient | undefined
+): Frame | undefined => {
+  const current = Context.getOption(context, Current)
+  if (current._tag === "Some") return current.value as Frame
+  const foreign = Context.getOption(context, SqlClient.TransactionConnection)
+  if (foreign._tag === "None") return undefined
+  const [conn, depth] = foreign.value
+  // One state per connection: concurrent blocks nested in the same foreign transaction share one savepoint
+  // counter and one lock, as blocks nested in ours do. The driver hands out a new connection object per
+  // reservation, so a later transaction on the same pooled session starts afresh.
+  const known = foreignRoots.get(conn)
+  if (known !== undefined) return known
+  const adopted = makeTx(
+    client ?? Context.unsafeGet(context, SqlClient.SqlClient),
+    conn,
+    Context.get(context, CurrentDialect),
+    {
+      isolation: undefined,
+      readOnly: undefined,
+      deferrable: undefined
+    }
+  )
+  adopted.foreign = true
+  const root = new Frame(adopted, undefined, depth, undefined)
+  adopted.stack.push(root)
+  foreignRoots.set(conn, root)
+  return root
+}
+
+/** The root standing for each transaction other code opened, by its connection. */
+const foreignRoots = new WeakMap<Connection, Frame>()
+
+/** Sends a release still pending in a transaction that is not ours: nothing of ours would send it later. */
+export const flushForeign = (root: Frame) =>
+  root.tx.owned
+    .withConnection(root.endClaim, held, () =>
+      root.tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(root)
+    )
+    .pipe(Effect.ignore)

@@ -1,0 +1,241 @@
+/**
+ * The connection of one transaction and who may use it. It carries one statement at a time: `withConnection` is
+ * the one place that takes it and gives it back (an interrupt or a synchronous throw cannot leave it held, and
+ * waiting for it is interruptible); `execute` runs a driver statement on it so that an interrupt or a deadline
+ * stops the statement with the database's out-of-band cancel request, never through the pool, and the connection
+ * is handed on only once the statement has ended. A connection whose state is unknown is marked broken and is
+ * destroyed instead of going back to the pool. Which blocks may use the connection is the policy it is given
+ * (blocks.ts decides it); this file knows nothing of transactions.
+ */
+import type { Connection } from "@effect/sql/SqlConnection"
+import type { SqlError } from "@effect/sql/SqlError"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
+import * as Runtime from "effect/Runtime"
+import type * as Scope from "effect/Scope"
+import type { Dialect } from "./dialect.js"
+
+/** How long a cancel request may take to reach the database before the connection is given up on. */
+export const CANCEL_DEADLINE_MILLIS = 5_000
+/** How long a cancelled statement may take to end before the connection is given up on. */
+export const STOP_DEADLINE_MILLIS = 10_000
+
+/** Which claims may use the connection now, and which will never be able to. */
+export interface Policy<C> {
+  readonly mayUse: (claim: C) => boolean
+  readonly refused: (claim: C) => boolean
+}
+
+interface Waiter<C> {
+  readonly claim: C
+  granted: boolean
+  readonly resume: (granted: boolean) => void
+}
+
+type Restore = <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+
+/** A reserved connection, used by one claim at a time. */
+export class Owned<C> {
+  private busy = false
+  private readonly waiters: Array<Waiter<C>> = []
+  /** Set when the connection's state is unknown: it is destroyed instead of returned to the pool. */
+  broken = false
+
+  constructor(
+    readonly conn: Connection,
+    readonly dialect: Dialect,
+    private readonly policy: Policy<C>
+  ) {}
+
+  /** Takes the connection at once if it is free and `claim` may use it. */
+  private tryTake(claim: C): boolean {
+    if (this.busy || !this.policy.mayUse(claim)) return false
+    this.busy = true
+    return true
+  }
+
+  /** Refuses the waiters that never can use it, and hands the free connection to the first one that may. */
+  private wake(): void {
+    for (let i = 0; i < this.waiters.length; ) {
+      const waiter = this.waiters[i]!
+      if (this.policy.refused(waiter.claim)) {
+        this.waiters.splice(i, 1)
+        waiter.resume(false)
+      } else if (!this.busy && this.policy.mayUse(waiter.claim)) {
+        this.waiters.splice(i, 1)
+        this.busy = true
+        waiter.granted = true
+        waiter.resume(true)
+      } else {
+        i++
+      }
+    }
+  }
+
+  private release(): void {
+    this.busy = false
+    if (this.waiters.length > 0) this.wake()
+  }
+
+  /** Waits, interruptibly, until `claim` may use the connection and takes it (`true`), or is refused (`false`). */
+  private acquire(claim: C): Effect.Effect<boolean> {
+    if (this.policy.refused(claim)) return refused
+    if (this.tryTake(claim)) return granted
+    return Effect.async<boolean>((resume) => {
+      const waiter: Waiter<C> = { claim, granted: false, resume: (ok) => resume(ok ? granted : refused) }
+      this.waiters.push(waiter)
+      return Effect.sync(() => {
+        const index = this.waiters.indexOf(waiter)
+        if (index >= 0) this.waiters.splice(index, 1)
+        else if (waiter.granted) this.release()
+      })
+    })
+  }
+
+  /**
+   * Runs `use` holding the connection, and gives it back however `use` ends: the only place that takes and
+   * releases it. Waiting is interruptible; `use` runs with the caller's interruptibility as `restore` gives it.
+   * `use(false)` runs without the connection when the claim is refused.
+   */
+  withConnection<A, E, R>(
+    claim: C,
+    restore: Restore,
+    use: (granted: boolean) => Effect.Effect<A, E, R>
+  ): Effect.Effect<A, E, R> {
+    return Effect.suspend(() => {
+      if (this.policy.refused(claim)) return use(false)
+      if (this.tryTake(claim)) return this.using(use)
+      return Effect.flatMap(restore(this.acquire(claim)), (ok) => (ok ? this.using(use) : use(false)))
+    })
+  }
+
+  // Callers run uninterruptibly (they take `restore` to open the wait and the statement to interruption), so
+  // nothing can come between the end of `use` and the release; a throw inside `use` is a defect, released too.
+  private using<A, E, R>(use: (granted: boolean) => Effect.Effect<A, E, R>): Effect.Effect<A, E, R> {
+    return Effect.matchCauseEffect(
+      Effect.suspend(() => use(true)),
+      {
+        onFailure: (cause) => {
+          this.release()
+          return Effect.failCause(cause)
+        },
+        onSuccess: (value) => {
+          this.release()
+          return Effect.succeed(value)
+        }
+      }
+    )
+  }
+
+  /**
+   * Holds the connection until `scope` closes, then runs `finish` and gives it back (for streams, whose rows
+   * arrive while the caller goes on). Fails with `onRefused` when the claim is refused.
+   */
+  hold<E>(claim: C, restore: Restore, onRefused: () => E): Effect.Effect<void, E, Scope.Scope> {
+    const take = Effect.suspend(() => (this.tryTake(claim) ? granted : restore(this.acquire(claim))))
+    return Effect.flatMap(
+      Effect.acquireRelease(take, (ok) => (ok ? Effect.sync(() => this.release()) : Effect.void)),
+      (ok) => (ok ? Effect.void : Effect.fail(onRefused()))
+    )
+  }
+
+  /**
+   * Runs one driver statement holding the connection. The driver never sees an interrupt (@effect/sql-pg would
+   * cancel through a pooled connection): the statement runs in a fiber of its own; an interrupt of the caller, or
+   * `deadline` (epoch milliseconds) passing, sends the database a cancel request while the statement is still
+   * running; the call returns once the statement has ended, and an interrupted caller stays interrupted.
+   */
+  execute<A>(statement: Effect.Effect<A, SqlError>, restore: Restore, deadline?: number): Effect.Effect<A, SqlError> {
+    if (!this.dialect.canCancel(this.conn)) return restore(statement)
+    return Effect.suspend(() => {
+      // Started at once: the statement is sent before this returns, and one already answered (a driver that
+      // answers synchronously) costs no wait. The driver's statement needs nothing of the caller's context (its
+      // span is the caller's, around this call), so it runs in a fiber of the default runtime.
+      const fiber = Runtime.runFork(Runtime.defaultRuntime)(Effect.uninterruptible(statement))
+      const done = fiber.unsafePoll()
+      if (done !== null) return done
+      const joined = deadline === undefined ? Effect.flatten(Fiber.await(fiber)) : this.joinBefore(fiber, deadline)
+      return Effect.onInterrupt(restore(joined), () => this.stop(fiber))
+    })
+  }
+
+  /** Joins the statement; if `deadline` passes first, cancels it and then joins it, for its own answer. */
+  private joinBefore<A>(fiber: Fiber.RuntimeFiber<A, SqlError>, deadline: number): Effect.Effect<A, SqlError> {
+    const remaining = deadline - Date.now()
+    return Effect.flatMap(awaitWithin(fiber, Math.max(0, remaining)), (exit) =>
+      Option.isSome(exit) ? exit.value : Effect.zipRight(this.stop(fiber), Fiber.join(fiber))
+    )
+  }
+
+  /**
+   * Stops a running statement: a cancel request aimed at this connection's backend while the statement is still
+   * the one running on it, then waits for the statement's end. If the request cannot be sent, or the statement
+   * does not end in time, the socket is closed (the statement ends with an error) and the connection is destroyed.
+   */
+  stop<A>(fiber: Fiber.RuntimeFiber<A, SqlError>): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      if (fiber.unsafePoll() !== null) return Effect.void
+      return Effect.flatMap(this.dialect.cancel(this.conn, CANCEL_DEADLINE_MILLIS), (sent) =>
+        sent ? this.awaitOrTerminate(fiber) : this.terminate(fiber)
+      )
+    })
+  }
+
+  private awaitOrTerminate<A>(fiber: Fiber.RuntimeFiber<A, SqlError>): Effect.Effect<void> {
+    return Effect.flatMap(awaitWithin(fiber, STOP_DEADLINE_MILLIS), (ended) =>
+      Option.isSome(ended) ? Effect.void : this.terminate(fiber)
+    )
+  }
+
+  private terminate<A>(fiber: Fiber.RuntimeFiber<A, SqlError>): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      if (fiber.unsafePoll() !== null) return Effect.void
+      this.broken = true
+      return Effect.zipRight(this.dialect.terminate(this.conn), Effect.asVoid(Fiber.await(fiber)))
+    })
+  }
+
+  /** Waits until the driver has nothing left in flight (a closed stream); gives the connection up if it hangs. */
+  settle(): Effect.Effect<void> {
+    return Effect.flatMap(this.dialect.settle(this.conn, STOP_DEADLINE_MILLIS), (settled) =>
+      settled
+        ? Effect.void
+        : Effect.suspend(() => {
+            this.broken = true
+            return this.dialect.terminate(this.conn)
+          })
+    )
+  }
+}
+
+/**
+ * The fiber's exit if it ends within `millis`. A plain timer, not a race of fibers: the wait keeps the caller's
+ * interruptibility, so an interrupted caller (or one in a finalizer) still waits out the deadline it was given.
+ */
+const awaitWithin = <A, E>(
+  fiber: Fiber.RuntimeFiber<A, E>,
+  millis: number
+): Effect.Effect<Option.Option<Exit.Exit<A, E>>> =>
+  Effect.async<Option.Option<Exit.Exit<A, E>>>((resume) => {
+    let done = false
+    const observer = (exit: Exit.Exit<A, E>) => finish(Option.some(exit))
+    const finish = (result: Option.Option<Exit.Exit<A, E>>) => {
+      if (done) return
+      done = true
+      clearTimeout(timer)
+      fiber.removeObserver(observer)
+      resume(Effect.succeed(result))
+    }
+    const timer = setTimeout(() => finish(Option.none()), millis)
+    fiber.addObserver(observer)
+    return Effect.sync(() => {
+      done = true
+      clearTimeout(timer)
+      fiber.removeObserver(observer)
+    })
+  })
+
+const granted = Exit.succeed(true)
+const refused = Exit.succeed(false)

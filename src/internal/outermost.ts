@@ -1,0 +1,477 @@
+/**
+ * The outermost transaction's lifecycle: reserving a connection, BEGIN with the options, the body, deciding the
+ * outcome (COMMIT, or ROLLBACK) and giving the connection back or destroying it; the `timeout` option's one
+ * deadline for the whole call (the wait for a connection, every attempt, the waits between them, COMMIT); retry of
+ * the whole transaction; and `transact`, which picks a nested block or a new transaction. In a test transaction
+ * the code's outermost transaction is a block with a virtual commit (`virtualOutermost`).
+ */
+import * as SqlClient from "@effect/sql/SqlClient"
+import type { Connection } from "@effect/sql/SqlConnection"
+import * as Cause from "effect/Cause"
+import * as Context from "effect/Context"
+import * as Effect from "effect/Effect"
+import * as Duration from "effect/Duration"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as Option from "effect/Option"
+import * as Schedule from "effect/Schedule"
+import * as Scope from "effect/Scope"
+import type * as Transaction from "../Transaction.js"
+import { classify, databaseInfo, TransactionError } from "../TransactionError.js"
+import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
+import {
+  abortedError,
+  closeInner,
+  controlError,
+  finishNested,
+  flushForeign,
+  Frame,
+  held,
+  innermost,
+  keepInner,
+  makeTx,
+  nested,
+  openNested,
+  parentOf,
+  provideFrame,
+  run,
+  sealedError,
+  type Tx
+} from "./blocks.js"
+import { checkNestedOptions, millisOf, validateOptions } from "./options.js"
+import { withHooksOfLast } from "./hooks.js"
+
+/**
+ * Whether a failed COMMIT may still have been committed: the connection broke before the answer came. A COMMIT
+ * cancelled (57014) answered, and the answer is that it rolled back.
+ */
+export const outcomeUnknown = (cause: unknown) => {
+  const { sqlState } = databaseInfo(cause)
+  return sqlState === undefined || sqlState.startsWith("08") || (sqlState.startsWith("57") && sqlState !== "57014")
+}
+
+const timeoutError = (what: string, timeoutMillis: number, when: string) =>
+  new TransactionError({
+    reason: "Timeout",
+    message:
+      `${what} did not finish within its timeout of ${timeoutMillis} ms (${when}); it was rolled back ` +
+      "and nothing was committed. Raise the timeout, or make the transaction do less."
+  })
+
+/**
+ * Ends the outermost block: `COMMIT` when `exit` succeeded, `ROLLBACK` otherwise, and records the outcome. Blocks
+ * still open inside it are rolled back (`inner: "rollback"`, the block's body has returned without them) or kept
+ * (`"keep"`, savepoints of the manual handle).
+ */
+/** @internal */
+export const finishOutermost = <A, E>(
+  frame: Frame,
+  exit: Exit.Exit<A, E>,
+  limit: Limit | undefined,
+  inner: "rollback" | "keep" = "rollback"
+): Effect.Effect<A, E | TransactionError> => {
+  const tx = frame.tx
+  /** Rolls back, then fails with `failure`; a failed ROLLBACK is added after it and the connection destroyed. */
+  const rollback = (failure: Cause.Cause<E | TransactionError>) =>
+    Effect.matchCauseEffect(run(tx.conn, tx.dialect.rollback), {
+      onFailure: (cause) => {
+        // The destroyed session ends, and with it the transaction: nothing is committed.
+        tx.outcome ??= "rolledBack"
+        tx.owned.broken = true
+        const error = controlError(
+          "RollbackFailed",
+          `ROLLBACK of ${frame.describe()}`,
+          "The connection was closed instead of returned to the pool.",
+          Cause.squash(cause)
+        )
+        return Effect.failCause(Cause.sequential(failure, Cause.fail(error)))
+      },
+      onSuccess: () => {
+        tx.outcome ??= "rolledBack"
+        return Effect.failCause(failure)
+      }
+    })
+  const end = (): Effect.Effect<A, E | TransactionError> => {
+    frame.open = false
+    tx.stack.length = 0
+    tx.pendingRelease = undefined
+    if (Exit.isFailure(exit)) return rollback(exit.cause)
+    if (frame.aborted) return rollback(Cause.fail(abortedError(frame)))
+    if (limit !== undefined && limit.deadline - Date.now() <= 0) {
+      return rollback(Cause.fail(timeoutError(frame.describe(), limit.timeoutMillis, "no time was left for COMMIT")))
+    }
+    // COMMIT is never abandoned: past the deadline it is cancelled, and its own answer says what happened.
+    return Effect.matchCauseEffect(tx.owned.execute(tx.dialect.commit(tx.conn), held, limit?.deadline), {
+      onFailure: (cause) => {
+        const error = Cause.squash(cause)
+        const { sqlState } = databaseInfo(error)
+        if (limit !== undefined && sqlState === "57014" && Date.now() >= limit.deadline) {
+          return rollback(Cause.fail(timeoutError(frame.describe(), limit.timeoutMillis, "COMMIT was still running")))
+        }
+        const unknown = outcomeUnknown(error)
+        if (unknown) tx.outcome = "unknown"
+        return rollback(
+          Cause.fail(
+            controlError(
+              "CommitFailed",
+              `COMMIT of ${frame.describe()}`,
+              unknown
+                ? "The connection failed before the database answered, so whether it committed is unknown: " +
+                    "check before running the transaction again."
+                : "The transaction was rolled back; nothing was committed.",
+              error,
+              unknown
+            )
+          )
+        )
+      },
+      onSuccess: (committed): Effect.Effect<A, E | TransactionError> => {
+        if (!committed) return rollback(Cause.fail(abortedError(frame)))
+        tx.outcome = "committed"
+        return exit
+      }
+    })
+  }
+  return tx.owned.withConnection(frame.endClaim, held, () => {
+    if (innermost(tx) === frame) return end()
+    if (inner === "rollback") return Effect.flatMap(closeInner(frame), end)
+    keepInner(frame)
+    return end()
+  })
+}
+
+const reserveFailed = (cause: unknown) =>
+  controlError(
+    "BeginFailed",
+    "Reserving a connection for the transaction",
+    "Nothing was sent to the database. Check that the database is reachable and the pool is not exhausted.",
+    cause
+  )
+
+const acquireTimeoutError = (millis: number, holding: boolean) =>
+  new TransactionError({
+    reason: "AcquireTimeout",
+    message:
+      `No pooled connection became free within ${millis} ms, so the transaction did not start and nothing was ` +
+      "sent. Every connection of the pool is held by other work" +
+      (holding
+        ? ", and this fiber already holds one for the transaction it is inside: if many fibers do that at once, " +
+          "the pool runs dry and each waits for the others. "
+        : ". ") +
+      "Raise the pool's maxConnections, keep transactions shorter, or raise acquireTimeout."
+  })
+
+/**
+ * Reserves a connection into `scope`. Without a bound it waits, uninterruptibly: @effect/sql-pg loses a pooled
+ * client whose reservation is interrupted while it waits. With one, another fiber waits while this one may give
+ * up or be interrupted; a connection that arrives later is released at once, as its scope has closed by then.
+ */
+export const reserve = (
+  client: SqlClient.SqlClient,
+  scope: Scope.Scope,
+  acquireMillis: number | undefined,
+  holding: boolean,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  limit: Limit | undefined
+): Effect.Effect<Connection, TransactionError> => {
+  const remaining = limit === undefined ? undefined : limit.deadline - Date.now()
+  if (remaining !== undefined && remaining <= 0) {
+    return Effect.fail(timeoutError("The transaction", limit!.timeoutMillis, "no time was left for another attempt"))
+  }
+  // The `timeout` option bounds the wait for a connection too.
+  const byDeadline = remaining !== undefined && (acquireMillis === undefined || remaining < acquireMillis)
+  const millis = byDeadline ? remaining : acquireMillis
+  if (millis === undefined) return Effect.mapError(Scope.extend(client.reserve, scope), reserveFailed)
+  return Effect.flatMap(Effect.forkDaemon(Scope.extend(client.reserve, scope)), (waiting) =>
+    Effect.matchCauseEffect(restore(Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))), {
+      onFailure: (cause): Effect.Effect<never, TransactionError> =>
+        Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause))),
+      onSuccess: Option.match({
+        onNone: () =>
+          Effect.fail(
+            byDeadline
+              ? timeoutError("The transaction", limit!.timeoutMillis, "it was still waiting for a pooled connection")
+              : acquireTimeoutError(millis, holding)
+          ),
+        onSome: Effect.succeed
+      })
+    })
+  )
+}
+
+/** Reserves a connection into `scope` and opens the outermost block on it. */
+/** @internal */
+export const open = (
+  client: SqlClient.SqlClient,
+  dialect: Dialect,
+  options: Transaction.Options,
+  scope: Scope.Scope,
+  holding: boolean,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  limit?: Limit
+): Effect.Effect<Frame, TransactionError> => {
+  const characteristics: Characteristics = {
+    isolation: options.isolation,
+    readOnly: options.readOnly,
+    deferrable: options.deferrable,
+    statementTimeoutMillis: options.statementTimeout === undefined ? undefined : millisOf(options.statementTimeout),
+    lockTimeoutMillis: options.lockTimeout === undefined ? undefined : millisOf(options.lockTimeout),
+    idleTimeoutMillis: options.idleTimeout === undefined ? undefined : millisOf(options.idleTimeout)
+  }
+  const acquireMillis = options.acquireTimeout === undefined ? undefined : millisOf(options.acquireTimeout)
+  return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore, limit), (conn) => {
+    const tx = makeTx(client, conn, dialect, characteristics)
+    const frame = new Frame(tx, undefined, 0, undefined)
+    return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
+      onFailure: (cause) => {
+        frame.open = false
+        return Effect.zipRight(
+          dialect.destroy(conn),
+          controlError(
+            "BeginFailed",
+            dialect.begin(characteristics),
+            "No transaction was opened and the connection was closed.",
+            Cause.squash(cause)
+          )
+        )
+      },
+      onSuccess: () => {
+        tx.stack.push(frame)
+        return Effect.succeed(frame)
+      }
+    })
+  })
+}
+
+/** Gives the connection back to the pool, or destroys it when its state is unknown. */
+/** @internal */
+export const closeConnection = (tx: Tx | undefined, scope: Scope.CloseableScope, exit: Exit.Exit<unknown, unknown>) =>
+  tx?.owned.broken === true
+    ? Effect.zipRight(tx.dialect.destroy(tx.conn), Scope.close(scope, exit))
+    : Scope.close(scope, exit)
+
+/** The deadline of a transaction with the `timeout` option: the whole call, retries included. */
+interface Limit {
+  readonly deadline: number
+  readonly timeoutMillis: number
+}
+
+const limitOf = (options: Transaction.Options): Limit | undefined => {
+  const timeoutMillis = options.timeout === undefined ? undefined : millisOf(options.timeout)
+  return timeoutMillis === undefined ? undefined : { deadline: Date.now() + timeoutMillis, timeoutMillis }
+}
+
+/**
+ * Runs `body` until `limit`'s deadline, failing with `Timeout` then. Fibers the body forks stay children of the
+ * caller, as without a limit (a body run in a fiber of its own would take its unjoined children down with it).
+ */
+const bounded = <A, E, R>(
+  body: Effect.Effect<A, E, R>,
+  limit: Limit | undefined,
+  frame: Frame
+): Effect.Effect<A, E | TransactionError, R> =>
+  limit === undefined
+    ? body
+    : Effect.transplant((graft) =>
+        Effect.timeoutFail(graft(body), {
+          duration: Duration.millis(Math.max(0, limit.deadline - Date.now())),
+          onTimeout: () => timeoutError(frame.describe(), limit.timeoutMillis, "its body was still running")
+        })
+      )
+
+const outermost = <A, E, R>(
+  client: SqlClient.SqlClient,
+  dialect: Dialect,
+  options: Transaction.Options,
+  holding: boolean,
+  effect: Effect.Effect<A, E, R>,
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  limit: Limit | undefined,
+  opened: (frame: Frame) => void
+): Effect.Effect<A, E | TransactionError, R> =>
+  Effect.flatMap(Scope.make(), (scope) => {
+    let frame: Frame | undefined
+    return open(client, dialect, options, scope, holding, restore, limit).pipe(
+      Effect.flatMap((begun) => {
+        frame = begun
+        opened(begun)
+        const body = bounded(restore(provideFrame(effect, begun)), limit, begun)
+        return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(begun, exit, limit))
+      }),
+      Effect.onExit((exit) => closeConnection(frame?.tx, scope, exit))
+    )
+  })
+
+/** Runs `effect` in a transaction of `client`, or in a savepoint when one is already open in the fiber. */
+export const transact = <A, E, R>(
+  client: SqlClient.SqlClient | undefined,
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options
+): Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>> =>
+  Effect.withFiberRuntime((fiber) => {
+    const invalid = validateOptions(options)
+    if (invalid !== undefined) return Effect.fail(invalid)
+    const context = fiber.currentContext
+    const parent = parentOf(context, client)
+    if (parent !== undefined) {
+      if (parent.tx.sandbox) {
+        if (parent.sealed) return Effect.fail(sealedError())
+        if (parent.test) return virtualOutermost(parent, effect, options)
+      }
+      const incompatible = checkNestedOptions(parent, options)
+      if (incompatible !== undefined) return Effect.fail(incompatible)
+      const inside = Effect.uninterruptibleMask((restore) => nested(parent, effect, restore))
+      return parent.tx.foreign ? Effect.ensuring(inside, flushForeign(parent)) : inside
+    }
+    return outermostRetrying(client ?? Context.unsafeGet(context, SqlClient.SqlClient), context, effect, options, false)
+  }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>>
+
+export const outermostRetrying = <A, E, R>(
+  client: SqlClient.SqlClient,
+  context: Context.Context<never>,
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options,
+  holding: boolean
+): Effect.Effect<A, E | TransactionError, R> => {
+  const dialect = Context.get(context, CurrentDialect)
+  return Effect.suspend(() => {
+    const limit = limitOf(options)
+    let last: Frame | undefined
+    const once = Effect.uninterruptibleMask((restore) => {
+      last = undefined
+      return outermost(client, dialect, options, holding, effect, restore, limit, (frame) => {
+        last = frame
+      })
+    })
+    return withHooksOfLast(attempts(once, options, limit), () => last)
+  })
+}
+
+/** The attempts of a transaction: one, or as many as `retry` allows before the deadline of `timeout`. */
+const attempts = <A, E, R>(
+  once: Effect.Effect<A, E | TransactionError, R>,
+  options: Transaction.Options,
+  limit: Limit | undefined
+): Effect.Effect<A, E | TransactionError, R> => {
+  if (options.retry === undefined || options.retry === false) return once
+  const schedule = options.retry === true ? defaultRetrySchedule : options.retry
+  return retrying(
+    once,
+    limit === undefined
+      ? schedule
+      : // No wait runs past the deadline; an attempt that would start after it fails with Timeout instead.
+        Schedule.modifyDelay(schedule, (_, delay) =>
+          Duration.min(delay, Duration.millis(Math.max(0, limit.deadline - Date.now())))
+        )
+  )
+}
+
+/** @internal */
+export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = Schedule.exponential("10 millis").pipe(
+  Schedule.modifyDelay((delay) => Duration.min(delay, Duration.seconds(1))),
+  Schedule.jittered,
+  Schedule.intersect(Schedule.recurs(9))
+)
+
+const isRetryable = (error: unknown) =>
+  error instanceof TransactionError
+    ? error.isRetryable
+    : ((sqlState) => sqlState === "40001" || sqlState === "40P01")(databaseInfo(error).sqlState)
+
+/**
+ * Runs the whole transaction again on a serialization failure or deadlock, wherever it surfaced. When the
+ * schedule gives up, the last failure comes back as a `TransactionError` with the attempt count, the original
+ * error as `cause`.
+ */
+const retrying = <A, E, R>(
+  once: Effect.Effect<A, E | TransactionError, R>,
+  schedule: Schedule.Schedule<unknown, TransactionError>
+): Effect.Effect<A, E | TransactionError, R> =>
+  Effect.suspend(() => {
+    let attempts = 0
+    return Effect.suspend(() => {
+      attempts++
+      return once
+    }).pipe(
+      // A serialization failure can arrive as a defect (Model repositories turn SqlError into one with orDie):
+      // it is retried all the same, and comes back as the defect it was if the schedule gives up.
+      Effect.catchAllDefect((defect) =>
+        isRetryable(defect) ? Effect.fail(new RetryableDefect(defect)) : Effect.die(defect)
+      ),
+      Effect.retry({
+        schedule: Schedule.mapInput(schedule, (error: E | TransactionError | RetryableDefect) =>
+          classify(error instanceof RetryableDefect ? error.defect : error)
+        ),
+        while: (error) => isRetryable(error instanceof RetryableDefect ? error.defect : error)
+      }),
+      Effect.catchAll((error) =>
+        error instanceof RetryableDefect
+          ? Effect.die(error.defect)
+          : Effect.fail(isRetryable(error) ? gaveUp(error, attempts) : error)
+      )
+    )
+  })
+
+/** A retryable failure that reached the retry loop as a defect. */
+class RetryableDefect {
+  constructor(readonly defect: unknown) {}
+}
+
+const gaveUp = (error: unknown, attempts: number): TransactionError => {
+  const classified = classify(error)
+  return new TransactionError({
+    reason: classified.reason,
+    message: `${classified.message} Gave up after ${attempts} attempt${attempts === 1 ? "" : "s"}.`,
+    sqlState: classified.sqlState,
+    constraint: classified.constraint,
+    attempts,
+    cause: error instanceof TransactionError ? error.cause : error
+  })
+}
+
+/** @internal */
+export const withTransaction = <A, E, R>(
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options = {}
+): Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current> | SqlClient.SqlClient> =>
+  // `transact` reads the SqlClient from the fiber's context.
+  transact(undefined, effect, options) as Effect.Effect<
+    A,
+    E | TransactionError,
+    Exclude<R, Transaction.Current> | SqlClient.SqlClient
+  >
+
+/**
+ * In a test transaction, the code under test's outermost transaction: a block nested in the test's block (or, for
+ * requiresNew, in the caller's block), which takes the options of an outermost transaction. Isolation, read-only,
+ * deferrable and the SET LOCAL timeouts cannot change inside the test transaction; they are recorded (Current
+ * reports them) and not applied. `timeout` and `retry` apply to the block.
+ */
+export const virtualOutermost = <A, E, R>(
+  parent: Frame,
+  effect: Effect.Effect<A, E, R>,
+  options: Transaction.Options
+): Effect.Effect<A, E | TransactionError, R> => {
+  const declared: Characteristics = {
+    isolation: options.isolation,
+    readOnly: options.readOnly,
+    deferrable: options.deferrable
+  }
+  return Effect.suspend(() => {
+    const limit = limitOf(options)
+    let last: Frame | undefined
+    const once = Effect.uninterruptibleMask((restore) => {
+      last = undefined
+      if (limit !== undefined && limit.deadline <= Date.now()) {
+        return Effect.fail(timeoutError("The transaction", limit.timeoutMillis, "no time was left for another attempt"))
+      }
+      return Effect.flatMap(openNested(parent, restore), (frame) => {
+        last = frame
+        frame.declared = declared
+        const body = bounded(restore(provideFrame(effect, frame)), limit, frame)
+        return Effect.flatMap(Effect.exit(body), (exit) => finishNested(frame, exit))
+      })
+    })
+    return withHooksOfLast(attempts(once, options, limit), () => last)
+  })
+}

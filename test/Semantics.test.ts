@@ -1,0 +1,282 @@
+/**
+ * Regressions of what the engine promises beyond its connection: what `timeout` bounds, retry of failures that
+ * arrive as defects, validation of bad input, diagnostics of aborted blocks, and the order of hooks.
+ */
+import { SqlClient } from "@effect/sql"
+import { assert, describe, layer } from "@effect/vitest"
+import { PgClient } from "@effect/sql-pg"
+import { Cause, Deferred, Effect, Exit, Fiber, Layer, Schedule } from "effect"
+import { Transaction } from "effect-transaction"
+import { committedIds, insert, items, serializationFailure, transactionError } from "./utils/fixtures.js"
+import * as TestDatabase from "./utils/TestDatabase.js"
+
+const Db = TestDatabase.layer({ applicationName: "etx-semantics" })
+
+const bounded = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+  Effect.timeoutFail(effect, { duration: "15 seconds", onTimeout: () => "hang: the program did not finish" })
+
+describe("what timeout bounds", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("timeout does not change what happens to a forked, unjoined statement", () =>
+      Effect.gen(function* () {
+        yield* items
+        for (const options of [{}, { timeout: "5 seconds" }] as const) {
+          yield* items
+          const sql = yield* SqlClient.SqlClient
+          const exit = yield* Effect.gen(function* () {
+            yield* insert(1)
+            // One statement still running when the body returns: COMMIT waits for it.
+            yield* Effect.fork(sql`INSERT INTO items (id) SELECT 2 FROM pg_sleep(0.2)`)
+            yield* Effect.sleep("50 millis")
+          }).pipe(Transaction.withTransaction(options), bounded, Effect.exit)
+          assert.isTrue(
+            Exit.isSuccess(exit),
+            `${JSON.stringify(options)}: ${Exit.isFailure(exit) ? Cause.pretty(exit.cause) : ""}`
+          )
+          assert.deepStrictEqual(yield* committedIds, [1, 2], JSON.stringify(options))
+        }
+      })
+    )
+
+    it.effect("timeout bounds the whole call with its retries", () =>
+      Effect.gen(function* () {
+        let attempts = 0
+        const started = Date.now()
+        const exit = yield* Effect.suspend(() => {
+          attempts++
+          return serializationFailure
+        }).pipe(
+          Transaction.withTransaction({ timeout: "1 second", retry: Schedule.spaced("10 millis") }),
+          bounded,
+          Effect.exit
+        )
+        const elapsed = Date.now() - started
+        assert.strictEqual(transactionError(exit).reason, "Timeout")
+        assert.isBelow(elapsed, 3000, `took ${elapsed} ms`)
+        assert.isBelow(attempts, 200, `${attempts} attempts`)
+      })
+    )
+  })
+})
+
+describe("retry", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("retry catches a serialization failure that reaches it as a defect", () =>
+      Effect.gen(function* () {
+        let attempts = 0
+        const result = yield* Effect.suspend(() => {
+          attempts++
+          return attempts < 3 ? Effect.as(Effect.orDie(serializationFailure), "conflict") : Effect.succeed("done")
+        }).pipe(Transaction.withTransaction({ retry: true }))
+        assert.strictEqual(result, "done")
+        assert.strictEqual(attempts, 3)
+      })
+    )
+
+    it.effect("a defect that is not retryable is not retried", () =>
+      Effect.gen(function* () {
+        let attempts = 0
+        const exit = yield* Effect.suspend(() => {
+          attempts++
+          return Effect.die(new Error("bug"))
+        }).pipe(Transaction.withTransaction({ retry: true }), Effect.exit)
+        assert.isTrue(Exit.isFailure(exit) && Cause.isDie(exit.cause))
+        assert.strictEqual(attempts, 1)
+      })
+    )
+  })
+})
+
+describe("bad input", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("bigint durations of zero or less are InvalidOption errors", () =>
+      Effect.gen(function* () {
+        for (const value of [0n, -5n]) {
+          const exit = yield* Effect.exit(Effect.void.pipe(Transaction.withTransaction({ timeout: value })))
+          assert.strictEqual(transactionError(exit).reason, "InvalidOption")
+        }
+      })
+    )
+
+    it.effect("durations above PostgreSQL's limit are InvalidOption errors before BEGIN", () =>
+      Effect.gen(function* () {
+        for (const name of ["statementTimeout", "lockTimeout", "idleTimeout"] as const) {
+          const exit = yield* Effect.exit(Effect.void.pipe(Transaction.withTransaction({ [name]: "25 days" })))
+          const error = transactionError(exit)
+          assert.strictEqual(error.reason, "InvalidOption")
+          assert.match(error.message, new RegExp(name))
+        }
+      })
+    )
+
+    it.effect("an unknown option key is an InvalidOption error, never silently ignored", () =>
+      Effect.gen(function* () {
+        yield* items
+        const options = { isolationLevel: "serializable" } as unknown as Transaction.Options
+        const exit = yield* Effect.exit(insert(1).pipe(Transaction.withTransaction(options)))
+        const error = transactionError(exit)
+        assert.strictEqual(error.reason, "InvalidOption")
+        assert.match(error.message, /isolationLevel/)
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+  })
+})
+
+describe("diagnostics", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("a CommitFailed after a caught statement error names the statement and carries its error", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const exit = yield* Effect.gen(function* () {
+          yield* insert(1)
+          yield* Effect.ignore(sql`SELECT 1 / 0`)
+        }).pipe(Transaction.withTransaction(), Effect.exit)
+        const error = transactionError(exit)
+        assert.strictEqual(error.reason, "CommitFailed")
+        assert.strictEqual(error.sqlState, "25P02")
+        assert.match(error.message, /SELECT 1 \/ 0/)
+        assert.isDefined(error.cause)
+        assert.strictEqual(error.outcomeUnknown, undefined)
+      })
+    )
+  })
+})
+
+describe("hooks", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("hooks registered by different fibers run in registration order", () =>
+      Effect.gen(function* () {
+        yield* items
+        const order: Array<string> = []
+        const note = (entry: string) => Effect.sync(() => void order.push(entry))
+        const firstRegistered = yield* Deferred.make<void>()
+        yield* Effect.gen(function* () {
+          // The slow block registers first and ends last.
+          const slow = yield* Effect.fork(
+            Effect.gen(function* () {
+              yield* Transaction.afterCommit(note("first"))
+              yield* Deferred.succeed(firstRegistered, undefined)
+              yield* Effect.sleep("100 millis")
+            }).pipe(Transaction.withTransaction())
+          )
+          yield* Deferred.await(firstRegistered)
+          yield* Transaction.afterCommit(note("second"))
+          yield* Fiber.join(slow)
+        }).pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(order, ["first", "second"])
+      })
+    )
+  })
+})
+
+describe("fibers that outlive their transaction", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("a daemon fiber forked inside a transaction can open its own transaction after the first ended", () =>
+      Effect.gen(function* () {
+        yield* items
+        const goOn = yield* Deferred.make<void>()
+        const daemon = yield* Effect.gen(function* () {
+          yield* insert(1)
+          return yield* Effect.forkDaemon(
+            Effect.zipRight(Deferred.await(goOn), insert(2).pipe(Transaction.requiresNew()))
+          )
+        }).pipe(Transaction.withTransaction())
+        yield* Deferred.succeed(goOn, undefined)
+        const exit = yield* Fiber.await(daemon)
+        assert.isTrue(Exit.isSuccess(exit), Exit.isFailure(exit) ? Cause.pretty(exit.cause) : "")
+        assert.deepStrictEqual(yield* committedIds, [1, 2])
+      })
+    )
+  })
+})
+
+describe("one fiber never deadlocks with itself", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect(
+      "begin inside a transaction, handle.run, then a plain statement before commit: a typed error, at once",
+      () =>
+        Effect.gen(function* () {
+          yield* items
+          const plain = yield* Effect.gen(function* () {
+            const handle = yield* Transaction.begin()
+            yield* handle.run(insert(1))
+            const plain = yield* Effect.exit(insert(2))
+            yield* handle.commit
+            return plain
+          }).pipe(Effect.scoped, Transaction.withTransaction(), bounded)
+          assert.isTrue(Exit.isFailure(plain))
+          const error = Exit.isFailure(plain) ? Cause.squash(plain.cause) : undefined
+          const reason = (error as { cause?: { reason?: string } } | undefined)?.cause?.reason
+          assert.strictEqual(reason, "WouldDeadlock")
+          assert.match(String((error as { message?: string }).message), /Transaction\.begin/)
+          assert.deepStrictEqual(yield* committedIds, [1])
+        })
+    )
+
+    it.effect("a nested block opened by the fiber that holds a handle open fails at once with WouldDeadlock", () =>
+      Effect.gen(function* () {
+        const nested = yield* Effect.gen(function* () {
+          const handle = yield* Transaction.begin()
+          const nested = yield* Effect.exit(Effect.void.pipe(Transaction.withTransaction()))
+          yield* handle.rollback
+          return nested
+        }).pipe(Effect.scoped, Transaction.withTransaction(), bounded)
+        assert.strictEqual(transactionError(nested).reason, "WouldDeadlock")
+      })
+    )
+  })
+})
+
+describe("a transaction opened by other code", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("concurrent sibling nested blocks in a raw sql.withTransaction keep each other's writes", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const exits = yield* Effect.forEach(
+          [1, 2, 3, 4],
+          (id) =>
+            Effect.zipRight(
+              Effect.zipRight(insert(id), sql`SELECT pg_sleep(0.02)`),
+              id % 2 === 0 ? Effect.fail(`block ${id} fails`) : Effect.void
+            ).pipe(Transaction.withTransaction(), Effect.exit),
+          { concurrency: "unbounded" }
+        ).pipe(sql.withTransaction, bounded)
+        assert.deepStrictEqual(
+          exits.map((exit) => Exit.isSuccess(exit)),
+          [true, false, true, false]
+        )
+        assert.deepStrictEqual(yield* committedIds, [1, 3])
+      })
+    )
+  })
+})
+
+describe("Transaction.layer and the driver's own tag", () => {
+  layer(Transaction.layer.pipe(Layer.provideMerge(Db)), { excludeTestServices: true })((it) => {
+    it.effect("PgClient.PgClient's withTransaction goes through the engine too", () =>
+      Effect.gen(function* () {
+        yield* items
+        const pg = yield* PgClient.PgClient
+        const active = yield* Transaction.isActive.pipe(pg.withTransaction)
+        assert.isTrue(active)
+        const exits = yield* Effect.forEach(
+          [1, 2],
+          (id) =>
+            Effect.zipRight(insert(id), id === 2 ? Effect.fail("no") : Effect.void).pipe(
+              pg.withTransaction,
+              Effect.exit
+            ),
+          { concurrency: "unbounded" }
+        ).pipe(pg.withTransaction)
+        assert.deepStrictEqual(
+          exits.map((exit) => Exit.isSuccess(exit)),
+          [true, false]
+        )
+        assert.deepStrictEqual(yield* committedIds, [1])
+      })
+    )
+  })
+})
