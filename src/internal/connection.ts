@@ -15,7 +15,7 @@ import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
 import type * as Scope from "effect/Scope"
-import type { Dialect } from "./dialect.js"
+import type { Dialect, InFlight } from "./dialect.js"
 
 /** How long a cancel request may take to reach the database before the connection is given up on. */
 export const CANCEL_DEADLINE_MILLIS = 5_000
@@ -42,6 +42,8 @@ export class Owned<C> {
   private readonly waiters: Array<Waiter<C>> = []
   /** Set when the connection's state is unknown: it is destroyed instead of returned to the pool. */
   broken = false
+  /** The driver's statements, once the engine has taken over cancelling them (`takeOver`). */
+  private inFlight: InFlight | undefined = undefined
 
   constructor(
     readonly conn: Connection,
@@ -148,6 +150,12 @@ export class Owned<C> {
    * running; the call returns once the statement has ended, and an interrupted caller stays interrupted.
    */
   execute<A>(statement: Effect.Effect<A, SqlError>, restore: Restore, deadline?: number): Effect.Effect<A, SqlError> {
+    const inFlight = this.inFlight
+    if (inFlight !== undefined) {
+      const running =
+        deadline === undefined ? restore(statement) : this.cancelAt(statement, restore, deadline, inFlight)
+      return Effect.onInterrupt(running, () => this.stopInFlight(inFlight))
+    }
     if (!this.dialect.canCancel(this.conn)) return restore(statement)
     return Effect.suspend(() => {
       // Started at once: the statement is sent before this returns, and one already answered (a driver that
@@ -158,6 +166,68 @@ export class Owned<C> {
       if (done !== null) return done
       const joined = deadline === undefined ? Effect.flatten(Fiber.await(fiber)) : this.joinBefore(fiber, deadline)
       return Effect.onInterrupt(restore(joined), () => this.stop(fiber))
+    })
+  }
+
+  /**
+   * Takes over cancelling from the driver, for a connection the engine reserved itself: statements then run in
+   * the caller's fiber, with no fiber of their own. Not for a connection of a transaction other code opened, whose
+   * own statements would lose their driver's cancel.
+   */
+  takeOver(): void {
+    this.inFlight = this.dialect.takeOver(this.conn)
+  }
+
+  /** Runs a statement that `deadline` cancels, out of band, if it is still running then. */
+  private cancelAt<A>(
+    statement: Effect.Effect<A, SqlError>,
+    restore: Restore,
+    deadline: number,
+    inFlight: InFlight
+  ): Effect.Effect<A, SqlError> {
+    return Effect.suspend(() => {
+      let cancelling: Promise<boolean> | undefined
+      const timer = setTimeout(
+        () => {
+          if (inFlight.running()) cancelling = Effect.runPromise(this.dialect.cancel(this.conn, CANCEL_DEADLINE_MILLIS))
+        },
+        Math.max(0, deadline - Date.now())
+      )
+      // A cancel request already on its way must have landed before the connection is handed on.
+      const settled = Effect.suspend(() => {
+        clearTimeout(timer)
+        if (cancelling === undefined) return Effect.void
+        return Effect.flatMap(
+          Effect.promise(() => cancelling!),
+          (delivered) =>
+            delivered
+              ? Effect.void
+              : Effect.sync(() => {
+                  this.broken = true
+                })
+        )
+      })
+      return Effect.ensuring(restore(statement), settled)
+    })
+  }
+
+  /** Stops a statement the caller stopped waiting for: a cancel request, then its end; or the socket closed. */
+  private stopInFlight(inFlight: InFlight): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      if (!inFlight.running()) return Effect.void
+      return Effect.flatMap(this.dialect.cancel(this.conn, CANCEL_DEADLINE_MILLIS), (sent) =>
+        Effect.flatMap(sent ? endedWithin(inFlight, STOP_DEADLINE_MILLIS) : Effect.succeed(false), (ended) =>
+          ended
+            ? Effect.void
+            : Effect.suspend(() => {
+                this.broken = true
+                return Effect.zipRight(
+                  this.dialect.terminate(this.conn),
+                  Effect.asVoid(endedWithin(inFlight, STOP_DEADLINE_MILLIS))
+                )
+              })
+        )
+      )
     })
   }
 
@@ -234,6 +304,27 @@ const awaitWithin = <A, E>(
       done = true
       clearTimeout(timer)
       fiber.removeObserver(observer)
+    })
+  })
+
+/** Whether nothing is in flight any more within `millis`; a plain timer, as for `awaitWithin`. */
+const endedWithin = (inFlight: InFlight, millis: number): Effect.Effect<boolean> =>
+  Effect.async<boolean>((resume) => {
+    if (!inFlight.running()) return resume(Effect.succeed(true))
+    let done = false
+    const finish = (ended: boolean) => {
+      if (done) return
+      done = true
+      clearTimeout(timer)
+      stopListening()
+      resume(Effect.succeed(ended))
+    }
+    const timer = setTimeout(() => finish(false), millis)
+    const stopListening = inFlight.onEnded(() => finish(true))
+    return Effect.sync(() => {
+      done = true
+      clearTimeout(timer)
+      stopListening()
     })
   })
 

@@ -221,6 +221,8 @@ export const open = (
   const acquireMillis = options.acquireTimeout === undefined ? undefined : millisOf(options.acquireTimeout)
   return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore, limit), (conn) => {
     const tx = makeTx(client, conn, dialect, characteristics)
+    // A connection the engine reserved: its statements' cancels are the engine's, not the driver's.
+    tx.owned.takeOver()
     const frame = new Frame(tx, undefined, 0, undefined)
     return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
       onFailure: (cause) => {
