@@ -249,7 +249,7 @@ const runHeld = <A>(
           flushPendingRelease(frame),
           Effect.suspend(() => tx.owned.execute(run(), restore))
         )
-  return Effect.onError(statement, (cause) => markAborted(frame, sql, cause))
+  return Effect.tapErrorCause(statement, (cause) => markAborted(frame, sql, cause))
 }
 
 /** `sql` preceded by the release still pending, if any, so that both travel in one round trip; clears it. */

@@ -9,6 +9,7 @@
  */
 import type { Connection } from "@effect/sql/SqlConnection"
 import type { SqlError } from "@effect/sql/SqlError"
+import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
@@ -144,17 +145,24 @@ export class Owned<C> {
   }
 
   /**
-   * Runs one driver statement holding the connection. The driver never sees an interrupt (@effect/sql-pg would
-   * cancel through a pooled connection): the statement runs in a fiber of its own; an interrupt of the caller, or
-   * `deadline` (epoch milliseconds) passing, sends the database a cancel request while the statement is still
-   * running; the call returns once the statement has ended, and an interrupted caller stays interrupted.
+   * Runs one driver statement holding the connection. The driver's own cancel (which @effect/sql-pg sends through
+   * a pooled connection) never runs: on a connection the engine took over, the statement runs in the caller's
+   * fiber and the driver has no cancel to run; on any other connection it runs in a fiber of its own, which an
+   * interrupt does not reach. An interrupt of the caller, or `deadline` (epoch milliseconds) passing, sends the
+   * database a cancel request while the statement is still running, and the call returns once the statement has
+   * ended; an interrupted caller stays interrupted.
    */
   execute<A>(statement: Effect.Effect<A, SqlError>, restore: Restore, deadline?: number): Effect.Effect<A, SqlError> {
     const inFlight = this.inFlight
     if (inFlight !== undefined) {
       const running =
         deadline === undefined ? restore(statement) : this.cancelAt(statement, restore, deadline, inFlight)
-      return Effect.onInterrupt(running, () => this.stopInFlight(inFlight))
+      // Callers run uninterruptibly, so a plain match sees every interrupt (onInterrupt would add a mask).
+      return Effect.catchAllCause(running, (cause) =>
+        Cause.isInterrupted(cause)
+          ? Effect.zipRight(this.stopInFlight(inFlight), Effect.failCause(cause))
+          : Effect.failCause(cause)
+      )
     }
     if (!this.dialect.canCancel(this.conn)) return restore(statement)
     return Effect.suspend(() => {
