@@ -22,7 +22,8 @@ const stubDriver = {
   end: () => Promise.resolve(),
   listenerCount: () => 0,
   once: () => undefined,
-  off: () => undefined
+  off: () => undefined,
+  query: () => undefined
 }
 
 const stubConnection: Connection & { readonly pg: typeof stubDriver } = {

@@ -144,6 +144,47 @@ describe("diagnostics", () => {
   })
 })
 
+describe("the outcome of a failed COMMIT", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("a COMMIT cancelled with 57014 rolled back: CommitFailed whose outcome is known", () =>
+      Effect.gen(function* () {
+        yield* TestDatabase.setup(
+          "DROP TABLE IF EXISTS slow",
+          "CREATE TABLE slow (id int)",
+          `CREATE OR REPLACE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$`,
+          `CREATE CONSTRAINT TRIGGER slow_check AFTER INSERT ON slow DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION slow_check()`
+        )
+        const sql = yield* SqlClient.SqlClient
+        const db = yield* TestDatabase.TestDatabase
+        const pid = yield* Deferred.make<number>()
+        const fiber = yield* Effect.fork(
+          Effect.gen(function* () {
+            const [row] = yield* sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`
+            yield* sql`INSERT INTO slow VALUES (1)`
+            yield* Deferred.succeed(pid, row!.pid)
+          }).pipe(Transaction.withTransaction())
+        )
+        const backend = yield* Deferred.await(pid)
+        yield* TestDatabase.eventually(
+          db.outside("SELECT pid FROM pg_stat_activity WHERE pid = $1 AND query = 'COMMIT' AND state = 'active'", [
+            backend
+          ]),
+          (rows) => rows.length > 0
+        )
+        yield* db.outside("SELECT pg_cancel_backend($1)", [backend])
+        const error = transactionError(yield* bounded(Fiber.await(fiber)))
+        assert.strictEqual(error.reason, "CommitFailed")
+        assert.strictEqual(error.sqlState, "57014")
+        assert.notStrictEqual(error.outcomeUnknown, true)
+        assert.notMatch(error.message, /unknown/)
+        assert.deepStrictEqual(yield* db.outside("SELECT * FROM slow"), [])
+      })
+    )
+  })
+})
+
 describe("hooks", () => {
   layer(Db, { excludeTestServices: true })((it) => {
     it.effect("hooks registered by different fibers run in registration order", () =>

@@ -62,19 +62,84 @@ export interface Tx {
   savepoints: number
   /** A savepoint whose block succeeded; its RELEASE travels with the next control statement. */
   pendingRelease: string | undefined
-  /** A transaction opened by other code (not this engine) that a block nested in: its end is not ours to see. */
-  foreign: boolean
+  /** What kind of transaction this is: the engine's own, other code's, or a test's. */
+  readonly mode: Mode
   /** How the outermost block ended, once it has: which hooks run. */
   outcome: "committed" | "rolledBack" | "unknown" | undefined
-  /** A test transaction of TestTransaction: never committed; the code under test runs in blocks nested in it. */
-  sandbox: boolean
+}
+
+/**
+ * What kind of transaction a `Tx` is, as a value the engine is given instead of flags it tests. The engine's own
+ * transaction and one other code opened differ in what runs after a block nested in it and whether hooks can be
+ * registered; a test transaction of TestTransaction (the sandbox) refuses control statements, makes the code's
+ * outermost transactions virtual (blocks nested in the test's, with a virtual commit), and runs their hooks in the
+ * block around them, where TestTransaction.captureHooks can capture them.
+ */
+export interface Mode {
+  readonly name: "own" | "foreign" | "sandbox"
+  /** Why `sql` may not be sent in `frame`, if it may not. */
+  readonly refuse: (frame: Frame, sql: string) => SqlError | undefined
+  /** The message of a TransactionClosed error: `what` was done on `frame` after it ended, and the way out. */
+  readonly closed: (frame: Frame, what: string) => string
+  /** Why an `afterCommit`/`afterRollback` hook cannot be registered in this transaction, if it cannot. */
+  readonly refuseHook: (kind: string) => TransactionError | undefined
+  /** Whether a transaction the code opens inside it is a virtual one, and its hooks run in the block around it. */
+  readonly virtual: boolean
+  /** What runs once a block nested in `root` has ended. */
+  readonly afterNested: ((root: Frame) => Effect.Effect<void>) | undefined
+}
+
+const refuseNothing = () => undefined
+
+/** A transaction this engine opened. */
+export const ownMode: Mode = {
+  name: "own",
+  refuse: refuseNothing,
+  closed: (frame, what) =>
+    `${what} on ${frame.describe()} after it ended. ` +
+    "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
+    "or run the work in its own transaction (Transaction.requiresNew opens one from such a fiber).",
+  refuseHook: refuseNothing,
+  virtual: false,
+  afterNested: undefined
+}
+
+/** A transaction other code opened (the SqlClient's own withTransaction) that a block of ours nested in. */
+const foreignMode: Mode = {
+  ...ownMode,
+  name: "foreign",
+  refuseHook: (kind) =>
+    new TransactionError({
+      reason: "Unsupported",
+      message:
+        `An ${kind} hook was registered inside a transaction opened by the SqlClient's own withTransaction, ` +
+        "whose end this library cannot see, so the hook could never run. Provide Transaction.layer so that " +
+        "sql.withTransaction goes through this library, or open the transaction with Transaction.withTransaction."
+    }),
+  // Nothing of ours would send a release still pending: the transaction's end is not ours.
+  afterNested: (root) => flushForeign(root)
+}
+
+/** A test transaction of TestTransaction: never committed; the code under test runs in blocks nested in it. */
+export const sandboxMode: Mode = {
+  name: "sandbox",
+  refuse: (frame, sql) => refusedInSandbox(frame, sql),
+  closed: (frame, what) =>
+    `${what} on ${frame.describe()} after it ended, in a test under TestTransaction. A fiber forked by the ` +
+    "test (or by the code under test) outlived the block or the test it belongs to: join or interrupt it " +
+    "before the test returns. Effect.fork is interrupted with its parent; Effect.forkDaemon and Effect.forkIn " +
+    "are not.",
+  refuseHook: refuseNothing,
+  virtual: true,
+  afterNested: undefined
 }
 
 export const makeTx = (
   client: SqlClient.SqlClient,
   conn: Connection,
   dialect: Dialect,
-  characteristics: Characteristics
+  characteristics: Characteristics,
+  mode: Mode = ownMode
 ): Tx => {
   const stack: Array<Frame> = []
   return {
@@ -87,9 +152,8 @@ export const makeTx = (
     owned: new Owned(conn, dialect, blockPolicy(stack)),
     savepoints: 0,
     pendingRelease: undefined,
-    foreign: false,
-    outcome: undefined,
-    sandbox: false
+    mode,
+    outcome: undefined
   }
 }
 
@@ -169,14 +233,7 @@ export class Frame implements Transaction.Transaction {
 export const closedTransactionError = (frame: Frame, what: string) =>
   new TransactionError({
     reason: "TransactionClosed",
-    message: frame.tx.sandbox
-      ? `${what} on ${frame.describe()} after it ended, in a test under TestTransaction. A fiber forked by the ` +
-        "test (or by the code under test) outlived the block or the test it belongs to: join or interrupt it " +
-        "before the test returns. Effect.fork is interrupted with its parent; Effect.forkDaemon and Effect.forkIn " +
-        "are not."
-      : `${what} on ${frame.describe()} after it ended. ` +
-        "A fiber forked inside a transaction outlived it: join or interrupt such fibers before the block returns, " +
-        "or run the work in its own transaction (Transaction.requiresNew opens one from such a fiber)."
+    message: frame.tx.mode.closed(frame, what)
   })
 
 /** Errors of code that runs in a test transaction as it never would in production. */
@@ -249,7 +306,7 @@ const runHeld = <A>(
           flushPendingRelease(frame),
           Effect.suspend(() => tx.owned.execute(run(), restore))
         )
-  return Effect.onError(statement, (cause) => markAborted(frame, sql, cause))
+  return Effect.tapErrorCause(statement, (cause) => markAborted(frame, sql, cause))
 }
 
 /** `sql` preceded by the release still pending, if any, so that both travel in one round trip; clears it. */
@@ -340,10 +397,8 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
   Effect.uninterruptibleMask((restore) => {
     const tx = frame.tx
     if (!frame.open) return Effect.fail(closedError(frame))
-    if (tx.sandbox) {
-      const refused = refusedInSandbox(frame, sql)
-      if (refused !== undefined) return Effect.fail(refused)
-    }
+    const refused = tx.mode.refuse(frame, sql)
+    if (refused !== undefined) return Effect.fail(refused)
     if (frame.test) {
       // A test's own statement stands for an autocommitted one, which production would run on another pooled
       // connection: it does not wait for the code under test's open transactions to end (that could deadlock
@@ -374,7 +429,7 @@ const holdForStream = (
   restore: Restore
 ): Effect.Effect<(exit: Exit.Exit<unknown, unknown>) => Effect.Effect<void>, SqlError, Scope.Scope> => {
   const tx = frame.tx
-  const refused = tx.sandbox ? refusedInSandbox(frame, sql) : undefined
+  const refused = tx.mode.refuse(frame, sql)
   if (refused !== undefined) return Effect.fail(refused)
   return Effect.flatMap(
     tx.owned.hold(frame.test ? frame.endClaim : frame.statementClaim, restore, () => closedError(frame)),
@@ -725,9 +780,9 @@ export const parentOf = (
       isolation: undefined,
       readOnly: undefined,
       deferrable: undefined
-    }
+    },
+    foreignMode
   )
-  adopted.foreign = true
   const root = new Frame(adopted, undefined, depth, undefined)
   adopted.stack.push(root)
   foreignRoots.set(conn, root)

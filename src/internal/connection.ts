@@ -9,13 +9,14 @@
  */
 import type { Connection } from "@effect/sql/SqlConnection"
 import type { SqlError } from "@effect/sql/SqlError"
+import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
 import type * as Scope from "effect/Scope"
-import type { Dialect } from "./dialect.js"
+import type { Dialect, InFlight } from "./dialect.js"
 
 /** How long a cancel request may take to reach the database before the connection is given up on. */
 export const CANCEL_DEADLINE_MILLIS = 5_000
@@ -42,6 +43,8 @@ export class Owned<C> {
   private readonly waiters: Array<Waiter<C>> = []
   /** Set when the connection's state is unknown: it is destroyed instead of returned to the pool. */
   broken = false
+  /** The driver's statements, once the engine has taken over cancelling them (`takeOver`). */
+  private inFlight: InFlight | undefined = undefined
 
   constructor(
     readonly conn: Connection,
@@ -142,12 +145,25 @@ export class Owned<C> {
   }
 
   /**
-   * Runs one driver statement holding the connection. The driver never sees an interrupt (@effect/sql-pg would
-   * cancel through a pooled connection): the statement runs in a fiber of its own; an interrupt of the caller, or
-   * `deadline` (epoch milliseconds) passing, sends the database a cancel request while the statement is still
-   * running; the call returns once the statement has ended, and an interrupted caller stays interrupted.
+   * Runs one driver statement holding the connection. The driver's own cancel (which @effect/sql-pg sends through
+   * a pooled connection) never runs: on a connection the engine took over, the statement runs in the caller's
+   * fiber and the driver has no cancel to run; on any other connection it runs in a fiber of its own, which an
+   * interrupt does not reach. An interrupt of the caller, or `deadline` (epoch milliseconds) passing, sends the
+   * database a cancel request while the statement is still running, and the call returns once the statement has
+   * ended; an interrupted caller stays interrupted.
    */
   execute<A>(statement: Effect.Effect<A, SqlError>, restore: Restore, deadline?: number): Effect.Effect<A, SqlError> {
+    const inFlight = this.inFlight
+    if (inFlight !== undefined) {
+      const running =
+        deadline === undefined ? restore(statement) : this.cancelAt(statement, restore, deadline, inFlight)
+      // Callers run uninterruptibly, so a plain match sees every interrupt (onInterrupt would add a mask).
+      return Effect.catchAllCause(running, (cause) =>
+        Cause.isInterrupted(cause)
+          ? Effect.zipRight(this.stopInFlight(inFlight), Effect.failCause(cause))
+          : Effect.failCause(cause)
+      )
+    }
     if (!this.dialect.canCancel(this.conn)) return restore(statement)
     return Effect.suspend(() => {
       // Started at once: the statement is sent before this returns, and one already answered (a driver that
@@ -158,6 +174,68 @@ export class Owned<C> {
       if (done !== null) return done
       const joined = deadline === undefined ? Effect.flatten(Fiber.await(fiber)) : this.joinBefore(fiber, deadline)
       return Effect.onInterrupt(restore(joined), () => this.stop(fiber))
+    })
+  }
+
+  /**
+   * Takes over cancelling from the driver, for a connection the engine reserved itself: statements then run in
+   * the caller's fiber, with no fiber of their own. Not for a connection of a transaction other code opened, whose
+   * own statements would lose their driver's cancel.
+   */
+  takeOver(): void {
+    this.inFlight = this.dialect.takeOver(this.conn)
+  }
+
+  /** Runs a statement that `deadline` cancels, out of band, if it is still running then. */
+  private cancelAt<A>(
+    statement: Effect.Effect<A, SqlError>,
+    restore: Restore,
+    deadline: number,
+    inFlight: InFlight
+  ): Effect.Effect<A, SqlError> {
+    return Effect.suspend(() => {
+      let cancelling: Promise<boolean> | undefined
+      const timer = setTimeout(
+        () => {
+          if (inFlight.running()) cancelling = Effect.runPromise(this.dialect.cancel(this.conn, CANCEL_DEADLINE_MILLIS))
+        },
+        Math.max(0, deadline - Date.now())
+      )
+      // A cancel request already on its way must have landed before the connection is handed on.
+      const settled = Effect.suspend(() => {
+        clearTimeout(timer)
+        if (cancelling === undefined) return Effect.void
+        return Effect.flatMap(
+          Effect.promise(() => cancelling!),
+          (delivered) =>
+            delivered
+              ? Effect.void
+              : Effect.sync(() => {
+                  this.broken = true
+                })
+        )
+      })
+      return Effect.ensuring(restore(statement), settled)
+    })
+  }
+
+  /** Stops a statement the caller stopped waiting for: a cancel request, then its end; or the socket closed. */
+  private stopInFlight(inFlight: InFlight): Effect.Effect<void> {
+    return Effect.suspend(() => {
+      if (!inFlight.running()) return Effect.void
+      return Effect.flatMap(this.dialect.cancel(this.conn, CANCEL_DEADLINE_MILLIS), (sent) =>
+        Effect.flatMap(sent ? endedWithin(inFlight, STOP_DEADLINE_MILLIS) : Effect.succeed(false), (ended) =>
+          ended
+            ? Effect.void
+            : Effect.suspend(() => {
+                this.broken = true
+                return Effect.zipRight(
+                  this.dialect.terminate(this.conn),
+                  Effect.asVoid(endedWithin(inFlight, STOP_DEADLINE_MILLIS))
+                )
+              })
+        )
+      )
     })
   }
 
@@ -234,6 +312,27 @@ const awaitWithin = <A, E>(
       done = true
       clearTimeout(timer)
       fiber.removeObserver(observer)
+    })
+  })
+
+/** Whether nothing is in flight any more within `millis`; a plain timer, as for `awaitWithin`. */
+const endedWithin = (inFlight: InFlight, millis: number): Effect.Effect<boolean> =>
+  Effect.async<boolean>((resume) => {
+    if (!inFlight.running()) return resume(Effect.succeed(true))
+    let done = false
+    const finish = (ended: boolean) => {
+      if (done) return
+      done = true
+      clearTimeout(timer)
+      stopListening()
+      resume(Effect.succeed(ended))
+    }
+    const timer = setTimeout(() => finish(false), millis)
+    const stopListening = inFlight.onEnded(() => finish(true))
+    return Effect.sync(() => {
+      done = true
+      clearTimeout(timer)
+      stopListening()
     })
   })
 

@@ -5,6 +5,13 @@ import * as Effect from "effect/Effect"
 import * as Predicate from "effect/Predicate"
 import { sendCancelRequest } from "./pgCancel.js"
 
+/** Whether a statement the engine stopped waiting for is still running on the connection. */
+export interface InFlight {
+  readonly running: () => boolean
+  /** Calls `listener` once nothing is in flight any more; returns what removes it. */
+  readonly onEnded: (listener: () => void) => () => void
+}
+
 /** The transaction characteristics the outermost block was opened with. */
 export interface Characteristics {
   readonly isolation: "read committed" | "repeatable read" | "serializable" | undefined
@@ -45,6 +52,11 @@ export interface Dialect {
   /** Whether `cancel` can reach what `conn` runs; statements on other connections are left to their driver. */
   readonly canCancel: (conn: Connection) => boolean
   /**
+   * Takes over the cancelling of `conn`'s statements from its driver, when the driver allows it: an interrupted
+   * statement then only stops being waited for, and the returned `InFlight` says when it has really ended.
+   */
+  readonly takeOver: (conn: Connection) => InFlight | undefined
+  /**
    * Takes a transaction-scoped advisory lock on `key`: waits for it (`wait`), or returns whether it was free.
    * A string key is hashed to a 64-bit key by the database.
    */
@@ -81,10 +93,65 @@ interface PgLikeClient {
 }
 
 const pgClientOf = (conn: Connection): PgLikeClient | undefined => {
-  const pg = (conn as { readonly pg?: unknown }).pg
+  const found = (conn as { readonly pg?: unknown }).pg
+  const pg = Predicate.isObject(found) ? (takenOver.get(found) ?? found) : found
   return Predicate.isObject(pg) && Predicate.hasProperty(pg, "emit") && Predicate.hasProperty(pg, "end")
     ? (pg as PgLikeClient)
     : undefined
+}
+
+/** The driver's own client behind each stand-in `takeOver` gave a connection. */
+const takenOver = new WeakMap<object, PgLikeClient>()
+
+/**
+ * Gives @effect/sql-pg's connection a stand-in for its node-postgres client: the same `query`, but no process id,
+ * so that the driver has no cancel of its own to run when a statement is interrupted (its cancel takes a pooled
+ * connection, and can stay queued and land on another transaction's statement). The engine cancels instead, out
+ * of band, and the stand-in tells it whether a query is still in flight.
+ */
+const takeOver = (conn: Connection): InFlight | undefined => {
+  const holder = conn as { pg?: unknown }
+  const client = pgClientOf(conn)
+  if (client === undefined || holder.pg !== client || typeof (client as { query?: unknown }).query !== "function") {
+    return undefined
+  }
+  const real = client as PgLikeClient & { readonly query: (...args: Array<unknown>) => unknown }
+  let running = 0
+  const waiting: Array<() => void> = []
+  const ended = () => {
+    running--
+    if (running === 0) for (const resume of waiting.splice(0)) resume()
+  }
+  const standIn = {
+    query: (...args: Array<unknown>) => {
+      const last = args.length - 1
+      const callback = args[last]
+      if (typeof callback !== "function") return real.query(...args)
+      running++
+      args[last] = (...results: Array<unknown>) => {
+        ended()
+        return (callback as (...results: Array<unknown>) => unknown)(...results)
+      }
+      return real.query(...args)
+    }
+  }
+  takenOver.set(standIn, real)
+  try {
+    holder.pg = standIn
+  } catch {
+    return undefined
+  }
+  if (holder.pg !== standIn) return undefined
+  return {
+    running: () => running > 0,
+    onEnded: (listener) => {
+      waiting.push(listener)
+      return () => {
+        const index = waiting.indexOf(listener)
+        if (index >= 0) waiting.splice(index, 1)
+      }
+    }
+  }
 }
 
 /** PostgreSQL, through `@effect/sql-pg` (node-postgres). */
@@ -124,6 +191,7 @@ export const postgres: Dialect = {
   // PostgreSQL turns off statement_timeout before COMMIT runs deferred triggers, so a slow COMMIT is cancelled by
   // a cancel request; it still commits if the request arrives after the commit record is written.
   canCancel: (conn) => typeof pgClientOf(conn)?.processID === "number",
+  takeOver,
   cancel: (conn, deadlineMillis) => {
     const client = pgClientOf(conn)
     if (client === undefined) return Effect.succeed(false)

@@ -15,7 +15,6 @@ import { CurrentDialect } from "./dialect.js"
 import {
   controlError,
   finishNested,
-  flushForeign,
   type Frame,
   openNested,
   parentOf,
@@ -95,9 +94,9 @@ const makeHandle = (
       const exit = outcome === "commit" ? Exit.void : Exit.failCause(Cause.empty)
       const ending =
         connectionScope === undefined
-          ? root.tx.foreign
-            ? Effect.ensuring(finishNested(root, exit, "keep"), flushForeign(root.parent!))
-            : finishNested(root, exit, "keep")
+          ? root.tx.mode.afterNested === undefined
+            ? finishNested(root, exit, "keep")
+            : Effect.ensuring(finishNested(root, exit, "keep"), root.tx.mode.afterNested(root.parent!))
           : Effect.onExit(finishOutermost(root, exit, undefined, "keep"), (result) =>
               closeConnection(root.tx, connectionScope, result)
             )

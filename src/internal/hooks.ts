@@ -10,7 +10,7 @@ import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import type * as Transaction from "../Transaction.js"
-import { TransactionError } from "../TransactionError.js"
+import type { TransactionError } from "../TransactionError.js"
 import { closedTransactionError, Current, type Frame, sandboxError, sealedError, type Tx } from "./blocks.js"
 
 /**
@@ -76,17 +76,8 @@ export const registerHook = <X, E, R>(
     const context = fiber.currentContext as Context.Context<R | Transaction.Current>
     const frame = Context.get(context, Current) as Frame
     if (!frame.open) return Effect.fail(closedTransactionError(frame, `An ${kind} hook was registered`))
-    if (frame.tx.foreign) {
-      return Effect.fail(
-        new TransactionError({
-          reason: "Unsupported",
-          message:
-            `An ${kind} hook was registered inside a transaction opened by the SqlClient's own withTransaction, ` +
-            "whose end this library cannot see, so the hook could never run. Provide Transaction.layer so that " +
-            "sql.withTransaction goes through this library, or open the transaction with Transaction.withTransaction."
-        })
-      )
-    }
+    const refused = frame.tx.mode.refuseHook(kind)
+    if (refused !== undefined) return Effect.fail(refused)
     if (frame.sealed) return Effect.fail(sealedError())
     if (frame.test) {
       return Effect.fail(
@@ -120,7 +111,7 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
   const kind = outcome === "committed" ? "afterCommit" : "afterRollback"
   const due = frame.hooks.filter((hook) => hook.kind === kind).sort((a, b) => a.order - b.order)
   if (due.length === 0) return Effect.void
-  const around = tx.sandbox ? frame.parent : undefined
+  const around = tx.mode.virtual ? frame.parent : undefined
   const bound = (hook: Hook): Effect.Effect<unknown, unknown> =>
     Effect.provide(
       hook.effect,
@@ -132,7 +123,7 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
           ] as const)
     ) as Effect.Effect<unknown, unknown>
   return Effect.flatMap(Effect.serviceOption(HookCapture), (capture) => {
-    if (tx.sandbox && capture._tag === "Some") {
+    if (tx.mode.virtual && capture._tag === "Some") {
       for (const hook of due) capture.value.push({ kind, transactionId: tx.id, effect: bound(hook) })
       return Effect.void
     }

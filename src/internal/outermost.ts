@@ -24,12 +24,13 @@ import {
   closeInner,
   controlError,
   finishNested,
-  flushForeign,
   Frame,
   held,
   innermost,
   keepInner,
   makeTx,
+  type Mode,
+  ownMode,
   nested,
   openNested,
   parentOf,
@@ -208,7 +209,8 @@ export const open = (
   scope: Scope.Scope,
   holding: boolean,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
-  limit?: Limit
+  limit?: Limit,
+  mode: Mode = ownMode
 ): Effect.Effect<Frame, TransactionError> => {
   const characteristics: Characteristics = {
     isolation: options.isolation,
@@ -220,7 +222,9 @@ export const open = (
   }
   const acquireMillis = options.acquireTimeout === undefined ? undefined : millisOf(options.acquireTimeout)
   return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore, limit), (conn) => {
-    const tx = makeTx(client, conn, dialect, characteristics)
+    const tx = makeTx(client, conn, dialect, characteristics, mode)
+    // A connection the engine reserved: its statements' cancels are the engine's, not the driver's.
+    tx.owned.takeOver()
     const frame = new Frame(tx, undefined, 0, undefined)
     return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
       onFailure: (cause) => {
@@ -314,14 +318,15 @@ export const transact = <A, E, R>(
     const context = fiber.currentContext
     const parent = parentOf(context, client)
     if (parent !== undefined) {
-      if (parent.tx.sandbox) {
+      if (parent.tx.mode.virtual) {
         if (parent.sealed) return Effect.fail(sealedError())
         if (parent.test) return virtualOutermost(parent, effect, options)
       }
       const incompatible = checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
       const inside = Effect.uninterruptibleMask((restore) => nested(parent, effect, restore))
-      return parent.tx.foreign ? Effect.ensuring(inside, flushForeign(parent)) : inside
+      const afterNested = parent.tx.mode.afterNested
+      return afterNested === undefined ? inside : Effect.ensuring(inside, afterNested(parent))
     }
     return outermostRetrying(client ?? Context.unsafeGet(context, SqlClient.SqlClient), context, effect, options, false)
   }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>>

@@ -152,7 +152,7 @@ export const requiresNew = <A, E, R>(
     if (invalid !== undefined) return Effect.fail(invalid)
     const context = fiber.currentContext
     const current = Context.getOption(context, Current)
-    if (current._tag === "Some" && (current.value as Frame).tx.sandbox) {
+    if (current._tag === "Some" && (current.value as Frame).tx.mode.virtual) {
       // A test transaction has one connection: the new transaction is a block of the caller's, checked and
       // running its hooks at its end, but undone if the caller's block rolls back.
       const caller = current.value as Frame

@@ -9,7 +9,7 @@ import type * as TestTransaction from "../TestTransaction.js"
 import type * as Transaction from "../Transaction.js"
 import { TransactionError } from "../TransactionError.js"
 import { CurrentDialect } from "./dialect.js"
-import { Current, type Frame, finishNested, openNested, provideFrame, sandboxError } from "./blocks.js"
+import { Current, type Frame, finishNested, openNested, provideFrame, sandboxError, sandboxMode } from "./blocks.js"
 import { type CapturedHook, HookCapture } from "./hooks.js"
 import { checkBeginOptions } from "./options.js"
 import { closeConnection, finishOutermost, open } from "./outermost.js"
@@ -68,7 +68,7 @@ export const isolate = <A, E, R>(
           })
         )
       }
-      if (!frame.tx.sandbox || !frame.test) {
+      if (!frame.tx.mode.virtual || !frame.test) {
         return Effect.fail(
           sandboxError(
             `TestTransaction.isolate was called inside ${frame.describe()}, which is not a test's own block. ` +
@@ -95,10 +95,18 @@ export const isolate = <A, E, R>(
     const sandboxed = isSandboxed(client.value) ? client.value : wrapClient(client.value, true)
     return Effect.uninterruptibleMask((restore) =>
       Effect.flatMap(Scope.make(), (scope) =>
-        open(client.value, Context.get(context, CurrentDialect), options, scope, false, restore).pipe(
+        open(
+          client.value,
+          Context.get(context, CurrentDialect),
+          options,
+          scope,
+          false,
+          restore,
+          undefined,
+          sandboxMode
+        ).pipe(
           Effect.onError((cause) => Scope.close(scope, Exit.failCause(cause))),
           Effect.flatMap((test) => {
-            test.tx.sandbox = true
             test.test = true
             return Effect.flatMap(Effect.exit(restore(inTest(effect, test, sandboxed))), (body) =>
               finishOutermost(test, nothing, undefined).pipe(
@@ -129,11 +137,10 @@ export const layer = <E = never, R = never>(
       const invalid = checkBeginOptions(begin, "TestTransaction.layer")
       if (invalid !== undefined) return yield* Effect.fail(invalid)
       const root = yield* Effect.uninterruptibleMask((restore) =>
-        Effect.onError(open(client, dialect, begin, scope, false, restore), (cause) =>
+        Effect.onError(open(client, dialect, begin, scope, false, restore, undefined, sandboxMode), (cause) =>
           Scope.close(scope, Exit.failCause(cause))
         )
       )
-      root.tx.sandbox = true
       root.test = true
       // Nothing the suite did is ever committed.
       yield* Effect.addFinalizer(() =>

@@ -30,8 +30,15 @@ const record = (conn: Connection, log: Context.Tag.Service<Recorder>): Connectio
         ? Effect.fail(new SqlError({ message: `simulated failure of ${sql}`, cause: new Error("simulated") }))
         : effect()
     })
+  const inner = conn as { pg?: unknown }
   return {
-    pg: (conn as { readonly pg?: unknown }).pg,
+    // The driver's client, read and replaced on the recorded connection itself.
+    get pg() {
+      return inner.pg
+    },
+    set pg(client: unknown) {
+      inner.pg = client
+    },
     execute: (sql, params, transform) => run(sql, () => conn.execute(sql, params, transform)),
     executeRaw: (sql, params) => run(sql, () => conn.executeRaw(sql, params)),
     executeValues: (sql, params) => run(sql, () => conn.executeValues(sql, params)),
