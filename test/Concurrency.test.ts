@@ -317,19 +317,24 @@ describe("lifetime", () => {
       })
     )
 
-    it.effect("a nested block started on an ended transaction is a TransactionClosed error", () =>
+    it.effect("a daemon fiber that outlives its transaction opens a transaction of its own afterwards", () =>
       Effect.gen(function* () {
+        yield* items
         const goOn = yield* Deferred.make<void>()
         const fiber = yield* Effect.forkDaemon(Deferred.await(goOn)).pipe(
           Effect.flatMap((waiting) =>
-            Effect.forkDaemon(Effect.zipRight(Fiber.join(waiting), Effect.void.pipe(Transaction.withTransaction())))
+            Effect.forkDaemon(
+              Effect.zipRight(
+                Fiber.join(waiting),
+                Effect.zipRight(insert(7), Transaction.isActive).pipe(Transaction.withTransaction())
+              )
+            )
           ),
           Transaction.withTransaction()
         )
         yield* Deferred.succeed(goOn, undefined)
-        const error = failureOf(yield* Fiber.await(fiber)) as TransactionError.TransactionError
-        assert.strictEqual(error.reason, "TransactionClosed")
-        assert.match(error.message, /A nested block was started on transaction \d+ after it ended/)
+        assert.isTrue(yield* Fiber.join(fiber))
+        assert.deepStrictEqual(yield* committedIds, [7])
       })
     )
   })

@@ -316,7 +316,11 @@ export const transact = <A, E, R>(
     const invalid = validateOptions(options)
     if (invalid !== undefined) return Effect.fail(invalid)
     const context = fiber.currentContext
-    const parent = parentOf(context, client)
+    const found = parentOf(context, client)
+    // A fiber that outlived the transaction it was forked in (a daemon) opens a transaction of its own: the one
+    // it inherited has ended, and there is nothing left to nest in. Statements on the ended one stay errors.
+    const parent =
+      found !== undefined && found.tx.mode === ownMode && found.tx.outcome !== undefined ? undefined : found
     if (parent !== undefined) {
       if (parent.tx.mode.virtual) {
         if (parent.sealed) return Effect.fail(sealedError())
