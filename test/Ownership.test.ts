@@ -195,6 +195,36 @@ for (const pool of [1, 2]) {
         })
       )
 
+      it.effect("Effect.timeout around a transaction waiting for a connection of a full pool returns on time", () =>
+        Effect.gen(function* () {
+          const held = yield* Deferred.make<void>()
+          const release = yield* Deferred.make<void>()
+          const holders = yield* Effect.forEach(
+            Array.from({ length: pool }, (_, i) => i),
+            () =>
+              Effect.fork(
+                Effect.zipRight(Deferred.succeed(held, undefined), Deferred.await(release)).pipe(
+                  Transaction.withTransaction()
+                )
+              ),
+            { concurrency: "unbounded" }
+          )
+          yield* Deferred.await(held)
+          yield* Effect.sleep("100 millis")
+          const [exit, ms] = yield* elapsed(
+            Effect.void.pipe(Transaction.withTransaction(), Effect.timeout("300 millis"), bounded)
+          )
+          assert.isTrue(
+            Exit.isFailure(exit) && Cause.isFailType(exit.cause) && Cause.isTimeoutException(exit.cause.error),
+            `expected a TimeoutException, got ${Exit.isFailure(exit) ? Cause.pretty(exit.cause) : "a success"}`
+          )
+          assert.isBelow(ms, 2000, `the timeout fired after ${ms} ms`)
+          yield* Deferred.succeed(release, undefined)
+          yield* Effect.forEach(holders, Fiber.join, { discard: true })
+          yield* servedPromptly
+        })
+      )
+
       it.effect("a backend terminated during COMMIT: a typed error, and the pool recovers", () =>
         Effect.gen(function* () {
           yield* slowCommitTable(2)

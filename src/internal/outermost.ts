@@ -163,9 +163,9 @@ const acquireTimeoutError = (millis: number, holding: boolean) =>
   })
 
 /**
- * Reserves a connection into `scope`. Without a bound it waits, uninterruptibly: @effect/sql-pg loses a pooled
- * client whose reservation is interrupted while it waits. With one, another fiber waits while this one may give
- * up or be interrupted; a connection that arrives later is released at once, as its scope has closed by then.
+ * Reserves a connection into `scope`. @effect/sql-pg loses a pooled client whose reservation is interrupted while it
+ * waits, so another fiber waits for it, while this one may give up (at `acquireTimeout` or the `timeout` deadline) or
+ * be interrupted; a connection that arrives later is released at once, as its scope has closed by then.
  */
 export const reserve = (
   client: SqlClient.SqlClient,
@@ -182,21 +182,27 @@ export const reserve = (
   // The `timeout` option bounds the wait for a connection too.
   const byDeadline = remaining !== undefined && (acquireMillis === undefined || remaining < acquireMillis)
   const millis = byDeadline ? remaining : acquireMillis
-  if (millis === undefined) return Effect.mapError(Scope.extend(client.reserve, scope), reserveFailed)
   return Effect.flatMap(Effect.forkDaemon(Scope.extend(client.reserve, scope)), (waiting) =>
-    Effect.matchCauseEffect(restore(Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))), {
-      onFailure: (cause): Effect.Effect<never, TransactionError> =>
-        Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause))),
-      onSuccess: Option.match({
-        onNone: () =>
-          Effect.fail(
-            byDeadline
-              ? timeoutError("The transaction", limit!.timeoutMillis, "it was still waiting for a pooled connection")
-              : acquireTimeoutError(millis, holding)
-          ),
-        onSome: Effect.succeed
-      })
-    })
+    Effect.matchCauseEffect(
+      restore(
+        millis === undefined
+          ? Effect.asSome(Fiber.join(waiting))
+          : Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))
+      ),
+      {
+        onFailure: (cause): Effect.Effect<never, TransactionError> =>
+          Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause))),
+        onSuccess: Option.match({
+          onNone: () =>
+            Effect.fail(
+              byDeadline
+                ? timeoutError("The transaction", limit!.timeoutMillis, "it was still waiting for a pooled connection")
+                : acquireTimeoutError(millis!, holding)
+            ),
+          onSome: Effect.succeed
+        })
+      }
+    )
   )
 }
 
