@@ -173,8 +173,16 @@ export type MigrationErrorReason =
 export const MigrationError: typeof internal.MigrationError = internal.MigrationError
 
 /**
+ * The type of `MigrationError`.
+ *
  * @since 0.1.0
  * @category errors
+ * @example
+ * ```ts
+ * import type { Migrator } from "effect-transaction"
+ *
+ * const describe = (error: Migrator.MigrationError) => `${error.reason}: ${error.message}`
+ * ```
  */
 export type MigrationError = internal.MigrationError
 

@@ -2,7 +2,7 @@ import { SqlClient, SqlError } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { Cause, Deferred, Duration, Effect, Exit, Fiber, Layer, Option, Schedule } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
-import { committedIds, insert, items, transactionError } from "./utils/fixtures.js"
+import { committedIds, insert, items, slowCommitTable, transactionError } from "./utils/fixtures.js"
 import * as Recorder from "./utils/Recorder.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
@@ -109,14 +109,7 @@ describe("timeouts", () => {
 
     it.effect("the timeout covers COMMIT: a slow deferred check fails with Timeout and nothing is committed", () =>
       Effect.gen(function* () {
-        yield* TestDatabase.setup(
-          "DROP TABLE IF EXISTS slow",
-          "CREATE TABLE slow (id int)",
-          `CREATE OR REPLACE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$`,
-          `CREATE CONSTRAINT TRIGGER slow_check AFTER INSERT ON slow DEFERRABLE INITIALLY DEFERRED
-             FOR EACH ROW EXECUTE FUNCTION slow_check()`
-        )
+        yield* slowCommitTable(3)
         const sql = yield* SqlClient.SqlClient
         const recorder = yield* Recorder.Recorder
         recorder.clear()

@@ -7,7 +7,7 @@ import { SqlClient } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Fiber, Option } from "effect"
 import { Transaction } from "effect-transaction"
-import { committedIds, idleInTransaction, insert, items, transactionError } from "./utils/fixtures.js"
+import { committedIds, idleInTransaction, insert, items, slowCommitTable, transactionError } from "./utils/fixtures.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 /** A hang becomes a test failure. */
@@ -20,17 +20,6 @@ const elapsed = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
     const exit = yield* Effect.exit(effect)
     return [exit, Date.now() - started] as const
   })
-
-/** A table whose COMMIT takes `seconds`: a deferred constraint trigger sleeps at COMMIT. */
-const slowCommitTable = (seconds: number) =>
-  TestDatabase.setup(
-    "DROP TABLE IF EXISTS slow",
-    "CREATE TABLE slow (id int)",
-    `CREATE OR REPLACE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
-       $$ BEGIN PERFORM pg_sleep(${seconds}); RETURN NULL; END $$`,
-    `CREATE CONSTRAINT TRIGGER slow_check AFTER INSERT ON slow DEFERRABLE INITIALLY DEFERRED
-       FOR EACH ROW EXECUTE FUNCTION slow_check()`
-  )
 
 const slowRows = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
   Effect.map(db.outside<{ id: number }>("SELECT id FROM slow ORDER BY id"), (rows) => rows.map((row) => row.id))

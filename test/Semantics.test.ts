@@ -7,7 +7,14 @@ import { assert, describe, layer } from "@effect/vitest"
 import { PgClient } from "@effect/sql-pg"
 import { Cause, Deferred, Effect, Exit, Fiber, Layer, Schedule } from "effect"
 import { Transaction } from "effect-transaction"
-import { committedIds, insert, items, serializationFailure, transactionError } from "./utils/fixtures.js"
+import {
+  committedIds,
+  insert,
+  items,
+  serializationFailure,
+  slowCommitTable,
+  transactionError
+} from "./utils/fixtures.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 const Db = TestDatabase.layer({ applicationName: "etx-semantics" })
@@ -148,14 +155,7 @@ describe("the outcome of a failed COMMIT", () => {
   layer(Db, { excludeTestServices: true })((it) => {
     it.effect("a COMMIT cancelled with 57014 rolled back: CommitFailed whose outcome is known", () =>
       Effect.gen(function* () {
-        yield* TestDatabase.setup(
-          "DROP TABLE IF EXISTS slow",
-          "CREATE TABLE slow (id int)",
-          `CREATE OR REPLACE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$`,
-          `CREATE CONSTRAINT TRIGGER slow_check AFTER INSERT ON slow DEFERRABLE INITIALLY DEFERRED
-             FOR EACH ROW EXECUTE FUNCTION slow_check()`
-        )
+        yield* slowCommitTable(2)
         const sql = yield* SqlClient.SqlClient
         const db = yield* TestDatabase.TestDatabase
         const pid = yield* Deferred.make<number>()

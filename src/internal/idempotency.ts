@@ -201,6 +201,18 @@ export const idempotent = <A, E, R, I, RA, EF, IF, RF>(
     }
     const interval = `${Duration.toMillis(expiresAfter)} milliseconds`
     const where = `for idempotency key "${key}" (scope "${scope}")`
+    /** Decodes a recorded outcome; one that no longer decodes is `ReplayFailed`. */
+    const replay = <T, IT, RT>(schema: Schema.Schema<T, IT, RT>, recorded: unknown, what: "result" | "failure") =>
+      Schema.decodeUnknown(schema)(recorded).pipe(
+        Effect.mapError((error) =>
+          replayFailed(
+            `The ${what} recorded ${where} no longer decodes with the ${what === "result" ? "success" : "failure"} ` +
+              "schema given now: the schema changed since it was recorded. Keep schemas backward compatible, or use " +
+              "a new scope for the new shape.",
+            error
+          )
+        )
+      )
 
     const attempt: Effect.Effect<
       Either.Either<A, E | EF | TransactionError>,
@@ -227,19 +239,7 @@ export const idempotent = <A, E, R, I, RA, EF, IF, RF>(
             cause: { recorded: found.request_hash, given: requestHash }
           })
         }
-        if (found.state === "succeeded") {
-          return Either.right(
-            yield* Schema.decodeUnknown(options.success)(found.result).pipe(
-              Effect.mapError((error) =>
-                replayFailed(
-                  `The result recorded ${where} no longer decodes with the success schema given now: the schema ` +
-                    "changed since it was recorded. Keep schemas backward compatible, or use a new scope for the new shape.",
-                  error
-                )
-              )
-            )
-          )
-        }
+        if (found.state === "succeeded") return Either.right(yield* replay(options.success, found.result, "result"))
         if (options.failure === undefined) {
           return yield* replayFailed(
             `A final failure was recorded ${where}, and this call gives no failure schema to decode it with. Give ` +
@@ -247,17 +247,7 @@ export const idempotent = <A, E, R, I, RA, EF, IF, RF>(
             found.result
           )
         }
-        return Either.left(
-          yield* Schema.decodeUnknown(options.failure)(found.result).pipe(
-            Effect.mapError((error) =>
-              replayFailed(
-                `The failure recorded ${where} no longer decodes with the failure schema given now: the schema ` +
-                  "changed since it was recorded. Keep schemas backward compatible, or use a new scope for the new shape.",
-                error
-              )
-            )
-          )
-        )
+        return Either.left(yield* replay(options.failure, found.result, "failure"))
       }
       // Above read committed, the snapshot predates the lock: a record another call committed while this one waited
       // is invisible. Claiming the key raises a serialization failure then, before the effect runs (with retry, the

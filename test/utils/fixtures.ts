@@ -16,6 +16,17 @@ export const items = TestDatabase.setup(
 export const insert = (id: number, label = `item ${id}`) =>
   Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO items (id, label) VALUES (${id}, ${label})`)
 
+/** (Re)creates the table `slow`, whose COMMIT takes `seconds`: a deferred constraint trigger sleeps at COMMIT. */
+export const slowCommitTable = (seconds: number) =>
+  TestDatabase.setup(
+    "DROP TABLE IF EXISTS slow",
+    "CREATE TABLE slow (id int)",
+    `CREATE OR REPLACE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
+       $$ BEGIN PERFORM pg_sleep(${seconds}); RETURN NULL; END $$`,
+    `CREATE CONSTRAINT TRIGGER slow_check AFTER INSERT ON slow DEFERRABLE INITIALLY DEFERRED
+       FOR EACH ROW EXECUTE FUNCTION slow_check()`
+  )
+
 /** The ids in `items`, as another session sees them (so only what was committed). */
 export const committedIds = Effect.flatMap(TestDatabase.TestDatabase, (db) =>
   Effect.map(db.outside<{ id: number }>("SELECT id FROM items ORDER BY id"), (rows) => rows.map((row) => row.id))
