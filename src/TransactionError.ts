@@ -23,7 +23,8 @@ import * as Predicate from "effect/Predicate"
  * - `AcquireTimeout`: no pooled connection became free within `acquireTimeout`; nothing was sent.
  * - `Unsupported`: the call cannot work in this kind of transaction (the message names the alternative).
  * - `WouldDeadlock`: the fiber waited for the connection held by a block only it can end (one it opened with
- *   `Transaction.begin`); it failed at once instead of waiting for ever. The message names both blocks.
+ *   `Transaction.begin`), and failed at once; or a block nested deeper kept it out longer than `deadlockTimeout`
+ *   (most often a cycle: that block waits for this fiber). The message names both blocks.
  * - `KeyReused`: an idempotency key was used before for a different request (`Transaction.idempotent`).
  * - `ReplayFailed`: an outcome recorded by `Transaction.idempotent` no longer decodes with the schema given.
  *

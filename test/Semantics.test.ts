@@ -270,6 +270,111 @@ describe("one fiber never deadlocks with itself", () => {
   })
 })
 
+/** The WouldDeadlock error inside a statement's SqlError, or a block's own. */
+const wouldDeadlock = (cause: Cause.Cause<unknown>) => {
+  const error = Cause.squash(cause) as {
+    reason?: string
+    cause?: { reason?: string; message?: string }
+    message?: string
+  }
+  return error.reason === "WouldDeadlock" ? error : error.cause?.reason === "WouldDeadlock" ? error.cause : undefined
+}
+
+describe("shapes that deadlock by construction end within deadlockTimeout", () => {
+  layer(Db, { excludeTestServices: true })((it) => {
+    it.effect("a nested block that joins a fiber needing the outer block fails with WouldDeadlock", () =>
+      Effect.gen(function* () {
+        yield* items
+        const go = yield* Deferred.make<void>()
+        const started = Date.now()
+        const exit = yield* Effect.gen(function* () {
+          const needsOuter = yield* Effect.fork(Effect.zipRight(Deferred.await(go), insert(1)))
+          yield* Effect.gen(function* () {
+            yield* insert(2)
+            yield* Deferred.succeed(go, undefined)
+            yield* Fiber.join(needsOuter)
+          }).pipe(Transaction.withTransaction())
+        }).pipe(Transaction.withTransaction({ deadlockTimeout: "300 millis" }), Effect.exit, bounded)
+        const elapsed = Date.now() - started
+        assert.isTrue(Exit.isFailure(exit))
+        const error = Exit.isFailure(exit) ? wouldDeadlock(exit.cause) : undefined
+        assert.isDefined(error, "the failure is a WouldDeadlock")
+        assert.match(String(error!.message), /waited 300 ms \(deadlockTimeout\)/)
+        assert.match(
+          String(error!.message),
+          /A statement in transaction \d+ waited .*, which nested block etx_\d+ of transaction \d+ holds/
+        )
+        assert.isBelow(elapsed, 5_000)
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.effect("lock-order inversion with a semaphore: the statement kept out gives up, the other goes on", () =>
+      Effect.gen(function* () {
+        yield* items
+        const lock = yield* Effect.makeSemaphore(1)
+        const go = yield* Deferred.make<void>()
+        const locked = yield* Deferred.make<void>()
+        const started = Date.now()
+        const other = yield* Effect.gen(function* () {
+          // Takes the lock, then needs the outer block, which the nested block below keeps.
+          const other = yield* Effect.fork(
+            lock.withPermits(1)(
+              Deferred.await(go).pipe(
+                Effect.zipRight(Deferred.succeed(locked, undefined)),
+                Effect.zipRight(Effect.exit(insert(1)))
+              )
+            )
+          )
+          // Holds the connection in a nested block, then needs the lock.
+          yield* Effect.gen(function* () {
+            yield* Deferred.succeed(go, undefined)
+            yield* Deferred.await(locked)
+            yield* lock.withPermits(1)(insert(2))
+          }).pipe(Transaction.withTransaction())
+          return yield* Fiber.join(other)
+        }).pipe(Transaction.withTransaction({ deadlockTimeout: "300 millis" }), bounded)
+        assert.isBelow(Date.now() - started, 5_000)
+        assert.isTrue(Exit.isFailure(other))
+        const error = Exit.isFailure(other) ? wouldDeadlock(other.cause) : undefined
+        assert.isDefined(error, "the statement kept out fails with WouldDeadlock")
+        assert.match(String(error!.message), /, which nested block etx_\d+ of transaction \d+ holds until it ends/)
+        assert.deepStrictEqual(yield* committedIds, [2])
+      })
+    )
+
+    it.effect("waiting for another fiber's running statement does not count toward deadlockTimeout", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sleeping = yield* Deferred.make<void>()
+        yield* Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          const slow = yield* Effect.fork(
+            Effect.zipRight(Deferred.succeed(sleeping, undefined), sql`SELECT pg_sleep(0.8)`)
+          )
+          yield* Deferred.await(sleeping)
+          yield* insert(1)
+          yield* Fiber.join(slow)
+        }).pipe(Transaction.withTransaction({ deadlockTimeout: "200 millis" }), bounded)
+        assert.deepStrictEqual(yield* committedIds, [1])
+      })
+    )
+
+    it.effect("deadlockTimeout is an option of the outermost transaction only", () =>
+      Effect.gen(function* () {
+        const exit = yield* Effect.void.pipe(
+          Transaction.withTransaction({ deadlockTimeout: "1 second" }),
+          Transaction.withTransaction(),
+          Effect.exit
+        )
+        assert.strictEqual(transactionError(exit).reason, "OptionConflict")
+        const invalid = yield* Effect.exit(Effect.void.pipe(Transaction.withTransaction({ deadlockTimeout: 0 })))
+        assert.strictEqual(transactionError(invalid).reason, "InvalidOption")
+      })
+    )
+  })
+})
+
 describe("a transaction opened by other code", () => {
   layer(Db, { excludeTestServices: true })((it) => {
     it.effect("concurrent sibling nested blocks in a raw sql.withTransaction keep each other's writes", () =>

@@ -301,6 +301,21 @@ describe("TestTransaction.isolate", () => {
       })
     )
 
+    it.effect("a nested block joining a fiber that needs the code's transaction ends at its deadlockTimeout", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const started = Date.now()
+        const exit = yield* Effect.gen(function* () {
+          const needsOuter = yield* Effect.fork(Effect.zipRight(Effect.sleep("20 millis"), insert(1)))
+          yield* Effect.zipRight(insert(2), Fiber.join(needsOuter)).pipe(Transaction.withTransaction())
+        }).pipe(Transaction.withTransaction({ deadlockTimeout: "300 millis" }), Effect.exit, TestTransaction.isolate)
+        assert.isBelow(Date.now() - started, 5_000)
+        const error = sqlError(exit)
+        assert.match(error.message, /waited 300 ms \(deadlockTimeout\)/)
+        assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
     it.effect("without a SqlClient, isolate dies with a message naming the fix", () =>
       Effect.gen(function* () {
         const unprovided = TestTransaction.isolate(Effect.void) as Effect.Effect<void, unknown, never>

@@ -37,11 +37,26 @@ interface Claim {
   readonly kind: "statement" | "end"
 }
 
-/** A statement may run only in the innermost open block, and never once its block has closed. */
+/**
+ * A statement may run only in the innermost open block, and never once its block has closed; one kept out by a
+ * block nested deeper for longer than its transaction's `deadlockTimeout` gives up (`WouldDeadlock`).
+ */
 const blockPolicy = (stack: ReadonlyArray<Frame>): Policy<Claim> => ({
   mayUse: (claim) => claim.kind === "end" || stack[stack.length - 1] === claim.frame,
-  refused: (claim) => claim.kind === "statement" && !claim.frame.open
+  refused: (claim) => claim.kind === "statement" && !claim.frame.open,
+  stuckAfterMillis: (claim) => deadlockTimeoutOf(claim.frame)
 })
+
+/** How long a statement or nested block waits, by default, while a block another fiber opened holds the connection. */
+const DEFAULT_DEADLOCK_TIMEOUT_MILLIS = 60_000
+
+/** The `deadlockTimeout` of the transaction `frame` belongs to (in a test, of the code's own outermost block). */
+const deadlockTimeoutOf = (frame: Frame): number => {
+  for (let block: Frame | undefined = frame; block !== undefined; block = block.parent) {
+    if (block.deadlockTimeoutMillis !== undefined) return block.deadlockTimeoutMillis
+  }
+  return DEFAULT_DEADLOCK_TIMEOUT_MILLIS
+}
 
 /**
  * One outermost transaction. Its connection carries one statement at a time (`busy`), and only for the innermost
@@ -181,6 +196,8 @@ export class Frame implements Transaction.Transaction {
    * these characteristics. It is checked and runs its hooks at its end, its "virtual commit".
    */
   declared: Characteristics | undefined = undefined
+  /** The `deadlockTimeout` option of the transaction this block stands for (outermost, or a test's virtual one). */
+  deadlockTimeoutMillis: number | undefined = undefined
   /** The fiber that opened the block with the manual handle: only a call on the handle ends it. */
   openedBy: FiberId.FiberId | undefined = undefined
   /** How a block with `declared` characteristics ended: its virtual commit or rollback. */
@@ -378,6 +395,30 @@ const wouldDeadlockError = (frame: Frame, what: string, holder: Frame) =>
       "handle first."
   })
 
+/**
+ * A wait for the connection that outlasted the transaction's `deadlockTimeout` while a deeper block held it: by then
+ * almost always a cycle the engine cannot see (the block's fiber waits for this one, directly or through a lock).
+ */
+const stuckError = (frame: Frame, what: string) => {
+  const holder = innermost(frame.tx)
+  const millis = deadlockTimeoutOf(frame)
+  return new TransactionError({
+    reason: "WouldDeadlock",
+    message:
+      `${what} in ${frame.describe()} waited ${millis} ms (deadlockTimeout) for the connection, which ` +
+      `${holder === undefined ? "a nested block" : holder.describe()} holds until it ends; it gave up, as the ` +
+      "two most likely wait for each other (the nested block joins or awaits this fiber, or the two fibers take " +
+      "a lock in opposite orders). Nothing was sent. Run the work in the nested block itself, join forked fibers " +
+      "before opening a nested block, or raise deadlockTimeout on the outermost transaction if the nested block " +
+      "is simply slow."
+  })
+}
+
+const stuckStatementError = (frame: Frame) => {
+  const error = stuckError(frame, "A statement")
+  return new SqlError({ message: error.message, cause: error })
+}
+
 /** Fails at once when the current fiber would wait for a block only it can end. */
 const unlessSelfBlocking = <A, E>(
   frame: Frame,
@@ -411,8 +452,10 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
       frame,
       "A statement",
       (error) => new SqlError({ message: error.message, cause: error }),
-      tx.owned.withConnection(frame.statementClaim, restore, (ok) =>
-        ok ? runHeld(frame, sql, run, restore) : Effect.fail(closedError(frame))
+      tx.owned.withConnection(frame.statementClaim, restore, (access) =>
+        access === "granted"
+          ? runHeld(frame, sql, run, restore)
+          : Effect.fail(access === "stuck" ? stuckStatementError(frame) : closedError(frame))
       )
     )
   })
@@ -432,7 +475,9 @@ const holdForStream = (
   const refused = tx.mode.refuse(frame, sql)
   if (refused !== undefined) return Effect.fail(refused)
   return Effect.flatMap(
-    tx.owned.hold(frame.test ? frame.endClaim : frame.statementClaim, restore, () => closedError(frame)),
+    tx.owned.hold(frame.test ? frame.endClaim : frame.statementClaim, restore, (access) =>
+      access === "stuck" ? stuckStatementError(frame) : closedError(frame)
+    ),
     () => {
       if (!frame.open) return Effect.fail(closedError(frame))
       let done = false
@@ -721,8 +766,9 @@ export const openNested = (
     parent,
     "A nested block",
     (error) => error,
-    parent.tx.owned.withConnection(parent.statementClaim, restore, (ok) => {
-      if (!ok) return Effect.fail(closedTransactionError(parent, "A nested block was started"))
+    parent.tx.owned.withConnection(parent.statementClaim, restore, (access) => {
+      if (access === "stuck") return Effect.fail(stuckError(parent, "A nested block"))
+      if (access === "refused") return Effect.fail(closedTransactionError(parent, "A nested block was started"))
       const tx = parent.tx
       const name = `etx_${++tx.savepoints}`
       const sql = withPendingRelease(tx, tx.dialect.savepoint(name))!

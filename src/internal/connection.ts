@@ -23,16 +23,24 @@ export const CANCEL_DEADLINE_MILLIS = 5_000
 /** How long a cancelled statement may take to end before the connection is given up on. */
 export const STOP_DEADLINE_MILLIS = 10_000
 
-/** Which claims may use the connection now, and which will never be able to. */
+/** Which claims may use the connection now, which will never be able to, and how long one may be kept out. */
 export interface Policy<C> {
   readonly mayUse: (claim: C) => boolean
   readonly refused: (claim: C) => boolean
+  /**
+   * How long a claim may wait while `mayUse` keeps it out (not merely while one statement runs) before its wait
+   * ends as `"stuck"`; undefined for no bound.
+   */
+  readonly stuckAfterMillis: (claim: C) => number | undefined
 }
+
+/** How a claim's wait for the connection ended: it holds the connection, it never can, or it waited too long. */
+export type Access = "granted" | "refused" | "stuck"
 
 interface Waiter<C> {
   readonly claim: C
   granted: boolean
-  readonly resume: (granted: boolean) => void
+  readonly resume: (access: Access) => void
 }
 
 type Restore = <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
@@ -65,12 +73,12 @@ export class Owned<C> {
       const waiter = this.waiters[i]!
       if (this.policy.refused(waiter.claim)) {
         this.waiters.splice(i, 1)
-        waiter.resume(false)
+        waiter.resume("refused")
       } else if (!this.busy && this.policy.mayUse(waiter.claim)) {
         this.waiters.splice(i, 1)
         this.busy = true
         waiter.granted = true
-        waiter.resume(true)
+        waiter.resume("granted")
       } else {
         i++
       }
@@ -82,14 +90,38 @@ export class Owned<C> {
     if (this.waiters.length > 0) this.wake()
   }
 
-  /** Waits, interruptibly, until `claim` may use the connection and takes it (`true`), or is refused (`false`). */
-  private acquire(claim: C): Effect.Effect<boolean> {
+  /**
+   * Waits, interruptibly, until `claim` may use the connection and takes it, is refused, or has been kept out
+   * longer than the policy allows (a wait for one running statement does not count as being kept out).
+   */
+  private acquire(claim: C): Effect.Effect<Access> {
     if (this.policy.refused(claim)) return refused
     if (this.tryTake(claim)) return granted
-    return Effect.async<boolean>((resume) => {
-      const waiter: Waiter<C> = { claim, granted: false, resume: (ok) => resume(ok ? granted : refused) }
+    return Effect.async<Access>((resume) => {
+      let timer: ReturnType<typeof setTimeout> | undefined
+      const waiter: Waiter<C> = {
+        claim,
+        granted: false,
+        resume: (access) => {
+          if (timer !== undefined) clearTimeout(timer)
+          resume(access === "granted" ? granted : access === "refused" ? refused : stuck)
+        }
+      }
+      const limit = this.policy.stuckAfterMillis(claim)
+      const check = () => {
+        const index = this.waiters.indexOf(waiter)
+        if (index < 0) return
+        if (this.policy.mayUse(claim)) {
+          timer = setTimeout(check, limit)
+        } else {
+          this.waiters.splice(index, 1)
+          resume(stuck)
+        }
+      }
+      if (limit !== undefined) timer = setTimeout(check, limit)
       this.waiters.push(waiter)
       return Effect.sync(() => {
+        if (timer !== undefined) clearTimeout(timer)
         const index = this.waiters.indexOf(waiter)
         if (index >= 0) this.waiters.splice(index, 1)
         else if (waiter.granted) this.release()
@@ -100,25 +132,27 @@ export class Owned<C> {
   /**
    * Runs `use` holding the connection, and gives it back however `use` ends: the only place that takes and
    * releases it. Waiting is interruptible; `use` runs with the caller's interruptibility as `restore` gives it.
-   * `use(false)` runs without the connection when the claim is refused.
+   * `use` runs without the connection when the claim is refused or was kept out too long.
    */
   withConnection<A, E, R>(
     claim: C,
     restore: Restore,
-    use: (granted: boolean) => Effect.Effect<A, E, R>
+    use: (access: Access) => Effect.Effect<A, E, R>
   ): Effect.Effect<A, E, R> {
     return Effect.suspend(() => {
-      if (this.policy.refused(claim)) return use(false)
+      if (this.policy.refused(claim)) return use("refused")
       if (this.tryTake(claim)) return this.using(use)
-      return Effect.flatMap(restore(this.acquire(claim)), (ok) => (ok ? this.using(use) : use(false)))
+      return Effect.flatMap(restore(this.acquire(claim)), (access) =>
+        access === "granted" ? this.using(use) : use(access)
+      )
     })
   }
 
   // Callers run uninterruptibly (they take `restore` to open the wait and the statement to interruption), so
   // nothing can come between the end of `use` and the release; a throw inside `use` is a defect, released too.
-  private using<A, E, R>(use: (granted: boolean) => Effect.Effect<A, E, R>): Effect.Effect<A, E, R> {
+  private using<A, E, R>(use: (access: Access) => Effect.Effect<A, E, R>): Effect.Effect<A, E, R> {
     return Effect.matchCauseEffect(
-      Effect.suspend(() => use(true)),
+      Effect.suspend(() => use("granted")),
       {
         onFailure: (cause) => {
           this.release()
@@ -134,13 +168,13 @@ export class Owned<C> {
 
   /**
    * Holds the connection until `scope` closes, then runs `finish` and gives it back (for streams, whose rows
-   * arrive while the caller goes on). Fails with `onRefused` when the claim is refused.
+   * arrive while the caller goes on). Fails with `onRefused` when the claim is refused or was kept out too long.
    */
-  hold<E>(claim: C, restore: Restore, onRefused: () => E): Effect.Effect<void, E, Scope.Scope> {
+  hold<E>(claim: C, restore: Restore, onRefused: (access: Access) => E): Effect.Effect<void, E, Scope.Scope> {
     const take = Effect.suspend(() => (this.tryTake(claim) ? granted : restore(this.acquire(claim))))
     return Effect.flatMap(
-      Effect.acquireRelease(take, (ok) => (ok ? Effect.sync(() => this.release()) : Effect.void)),
-      (ok) => (ok ? Effect.void : Effect.fail(onRefused()))
+      Effect.acquireRelease(take, (access) => (access === "granted" ? Effect.sync(() => this.release()) : Effect.void)),
+      (access) => (access === "granted" ? Effect.void : Effect.fail(onRefused(access)))
     )
   }
 
@@ -336,5 +370,6 @@ const endedWithin = (inFlight: InFlight, millis: number): Effect.Effect<boolean>
     })
   })
 
-const granted = Exit.succeed(true)
-const refused = Exit.succeed(false)
+const granted: Exit.Exit<Access> = Exit.succeed("granted")
+const refused: Exit.Exit<Access> = Exit.succeed("refused")
+const stuck: Exit.Exit<Access> = Exit.succeed("stuck")

@@ -27,7 +27,8 @@ const optionNames: ReadonlySet<string> = new Set([
   "lockTimeout",
   "idleTimeout",
   "retry",
-  "acquireTimeout"
+  "acquireTimeout",
+  "deadlockTimeout"
 ])
 
 /** Shows an option's value in a message; a bigint or a cyclic object must not make the message itself throw. */
@@ -86,7 +87,14 @@ export const validateOptions = (options: Transaction.Options): TransactionError 
   return undefined
 }
 
-const durationOptions = ["timeout", "statementTimeout", "lockTimeout", "idleTimeout", "acquireTimeout"] as const
+const durationOptions = [
+  "timeout",
+  "statementTimeout",
+  "lockTimeout",
+  "idleTimeout",
+  "acquireTimeout",
+  "deadlockTimeout"
+] as const
 
 /** The options the database enforces (`SET LOCAL`), in whole milliseconds up to a 32-bit integer. */
 const serverDurationOptions: ReadonlyArray<string> = ["statementTimeout", "lockTimeout", "idleTimeout"]

@@ -232,6 +232,7 @@ export const open = (
     // A connection the engine reserved: its statements' cancels are the engine's, not the driver's.
     tx.owned.takeOver()
     const frame = new Frame(tx, undefined, 0, undefined)
+    frame.deadlockTimeoutMillis = deadlockTimeoutMillisOf(options)
     return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
       onFailure: (cause) => {
         frame.open = false
@@ -252,6 +253,9 @@ export const open = (
     })
   })
 }
+
+const deadlockTimeoutMillisOf = (options: Transaction.Options) =>
+  options.deadlockTimeout === undefined ? undefined : millisOf(options.deadlockTimeout)
 
 /** Gives the connection back to the pool, or destroys it when its state is unknown. */
 /** @internal */
@@ -483,6 +487,7 @@ export const virtualOutermost = <A, E, R>(
       return Effect.flatMap(openNested(parent, restore), (frame) => {
         last = frame
         frame.declared = declared
+        frame.deadlockTimeoutMillis = deadlockTimeoutMillisOf(options)
         const body = bounded(restore(provideFrame(effect, frame)), limit, frame)
         return Effect.flatMap(Effect.exit(body), (exit) => finishNested(frame, exit))
       })
