@@ -56,7 +56,8 @@ describe("TestTransaction.isolate", () => {
           }).pipe(Transaction.withTransaction({ isolation: "serializable" }))
           return outer
         }).pipe(TestTransaction.isolate)
-        assert.deepStrictEqual(depths, [1, 2])
+        // As in production: the code's outermost transaction reads depth 0, its nested block 1.
+        assert.deepStrictEqual(depths, [0, 1])
         assert.deepStrictEqual(log.statements, [
           "BEGIN",
           "SAVEPOINT etx_1",

@@ -21,7 +21,7 @@ import { databaseInfo, TransactionError } from "../TransactionError.js"
 import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
 import { Owned, type Policy } from "./connection.js"
 import type { Hook } from "./hooks.js"
-import { transactionControlOf } from "./sqlScan.js"
+import { millisOf } from "./options.js"
 
 /** @internal */
 export const Current = Context.GenericTag<Transaction.Current, Transaction.Transaction>(
@@ -29,6 +29,20 @@ export const Current = Context.GenericTag<Transaction.Current, Transaction.Trans
 )
 
 let nextTransactionId = 1
+
+/** A new transaction id: for each transaction, and in a test for each of the code's own outermost ones. */
+const newTransactionId = () => nextTransactionId++
+
+/**
+ * In a test transaction, makes `frame` stand for an outermost transaction of the code under test, opened with
+ * `options`: it reads as a transaction of its own (depth 0, an id of its own, the characteristics asked for) and
+ * ends with a virtual commit.
+ */
+export const declareOutermost = (frame: Frame, options: Transaction.BeginOptions): void => {
+  frame.declared = { isolation: options.isolation, readOnly: options.readOnly, deferrable: options.deferrable }
+  frame.virtualId = newTransactionId()
+  frame.deadlockTimeoutMillis = options.deadlockTimeout === undefined ? undefined : millisOf(options.deadlockTimeout)
+}
 
 /** What a fiber asks the connection for: a statement or a new nested block of `frame`, or the end of a block. */
 interface Claim {
@@ -81,6 +95,8 @@ export interface Tx {
   readonly mode: Mode
   /** How the outermost block ended, once it has: which hooks run. */
   outcome: "committed" | "rolledBack" | "unknown" | undefined
+  /** Why the transaction ended behind the engine's back (a test's, ended by a statement of the code), if it did. */
+  lost: string | undefined
 }
 
 /**
@@ -102,9 +118,11 @@ export interface Mode {
   readonly virtual: boolean
   /** What runs once a block nested in `root` has ended. */
   readonly afterNested: ((root: Frame) => Effect.Effect<void>) | undefined
+  /** Checks the session after a statement `sql` of `frame` has ended: an error if the transaction ended with it. */
+  readonly verify: ((frame: Frame, sql: string) => SqlError | undefined) | undefined
 }
 
-const refuseNothing = () => undefined
+export const refuseNothing = () => undefined
 
 /** A transaction this engine opened. */
 export const ownMode: Mode = {
@@ -116,7 +134,8 @@ export const ownMode: Mode = {
     "or run the work in its own transaction (Transaction.requiresNew opens one from such a fiber).",
   refuseHook: refuseNothing,
   virtual: false,
-  afterNested: undefined
+  afterNested: undefined,
+  verify: undefined
 }
 
 /** A transaction other code opened (the SqlClient's own withTransaction) that a block of ours nested in. */
@@ -135,20 +154,6 @@ const foreignMode: Mode = {
   afterNested: (root) => flushForeign(root)
 }
 
-/** A test transaction of TestTransaction: never committed; the code under test runs in blocks nested in it. */
-export const sandboxMode: Mode = {
-  name: "sandbox",
-  refuse: (frame, sql) => refusedInSandbox(frame, sql),
-  closed: (frame, what) =>
-    `${what} on ${frame.describe()} after it ended, in a test under TestTransaction. A fiber forked by the ` +
-    "test (or by the code under test) outlived the block or the test it belongs to: join or interrupt it " +
-    "before the test returns. Effect.fork is interrupted with its parent; Effect.forkDaemon and Effect.forkIn " +
-    "are not.",
-  refuseHook: refuseNothing,
-  virtual: true,
-  afterNested: undefined
-}
-
 export const makeTx = (
   client: SqlClient.SqlClient,
   conn: Connection,
@@ -158,7 +163,7 @@ export const makeTx = (
 ): Tx => {
   const stack: Array<Frame> = []
   return {
-    id: nextTransactionId++,
+    id: newTransactionId(),
     client,
     conn,
     dialect,
@@ -168,7 +173,8 @@ export const makeTx = (
     savepoints: 0,
     pendingRelease: undefined,
     mode,
-    outcome: undefined
+    outcome: undefined,
+    lost: undefined
   }
 }
 
@@ -200,6 +206,8 @@ export class Frame implements Transaction.Transaction {
   deadlockTimeoutMillis: number | undefined = undefined
   /** The fiber that opened the block with the manual handle: only a call on the handle ends it. */
   openedBy: FiberId.FiberId | undefined = undefined
+  /** In a test transaction: the id the code's outermost transaction reads, one of its own as in production. */
+  virtualId = 0
   /** How a block with `declared` characteristics ended: its virtual commit or rollback. */
   outcome: "committed" | "rolledBack" | undefined = undefined
   readonly connection: Connection
@@ -209,14 +217,31 @@ export class Frame implements Transaction.Transaction {
   constructor(
     readonly tx: Tx,
     readonly parent: Frame | undefined,
-    readonly depth: number,
+    /** How deep the block is on its connection: 0 for the transaction the engine (or a test) opened. */
+    readonly level: number,
     readonly savepoint: string | undefined
   ) {
     this.connection = guardConnection(this)
   }
 
+  /**
+   * The block as the code in it sees it: in a test, the code's own outermost transaction reads as depth 0 and its
+   * own id, as in production, where the test's blocks around it would not exist.
+   */
+  private get declaredRoot(): Frame | undefined {
+    if (!this.tx.mode.virtual) return undefined
+    for (let frame: Frame | undefined = this; frame !== undefined; frame = frame.parent) {
+      if (frame.declared !== undefined) return frame
+    }
+    return undefined
+  }
   get id() {
-    return this.tx.id
+    const root = this.declaredRoot
+    return root === undefined ? this.tx.id : root.virtualId
+  }
+  get depth() {
+    const root = this.declaredRoot
+    return root === undefined ? this.level : this.level - root.level
   }
   /** What the transaction this block belongs to gives: the real one's, or, in a test, the code's declared ones. */
   get characteristics(): Characteristics {
@@ -241,7 +266,7 @@ export class Frame implements Transaction.Transaction {
     return this.savepoint ?? ""
   }
   describe() {
-    return this.depth === 0 || this.savepoint === undefined
+    return this.level === 0 || this.savepoint === undefined
       ? `transaction ${this.tx.id}`
       : `nested block ${this.savepoint} of transaction ${this.tx.id}`
   }
@@ -250,37 +275,19 @@ export class Frame implements Transaction.Transaction {
 export const closedTransactionError = (frame: Frame, what: string) =>
   new TransactionError({
     reason: "TransactionClosed",
-    message: frame.tx.mode.closed(frame, what)
+    message:
+      frame.tx.lost === undefined
+        ? frame.tx.mode.closed(frame, what)
+        : `${what} on ${frame.describe()}, which had ended: ${frame.tx.lost}`
   })
 
-/** Errors of code that runs in a test transaction as it never would in production. */
-/** @internal */
-export const sandboxError = (message: string) => new TransactionError({ reason: "Unsupported", message })
-
-/** @internal */
-export const sealedError = () =>
-  sandboxError(
-    "TestTransaction: a statement or transaction ran in a suite built with TestTransaction.layer, but outside " +
-      "TestTransaction.isolate, so it would not be rolled back after its test and later tests would see its " +
-      "writes. Wrap each test's effect in TestTransaction.isolate; put shared set-up in the layer's seed option."
-  )
-
-const controlStatementError = (sql: string) =>
-  new SqlError({
-    message: "TestTransaction refused a transaction control statement",
-    cause: sandboxError(
-      `TestTransaction: the code under test sent ${JSON.stringify(sql.trim().slice(0, 60))} itself. In a test ` +
-        "that would end or break the test transaction and let its writes escape, so it was not sent. Use " +
-        "Transaction.withTransaction (or sql.withTransaction with Transaction.layer) instead of sending BEGIN, " +
-        "COMMIT or ROLLBACK yourself."
-    )
+const closedError = (frame: Frame) => {
+  const cause = closedTransactionError(frame, "A statement was run")
+  return new SqlError({
+    message: frame.tx.lost === undefined ? `${frame.describe()} has already ended` : cause.message,
+    cause
   })
-
-const closedError = (frame: Frame) =>
-  new SqlError({
-    message: `${frame.describe()} has already ended`,
-    cause: closedTransactionError(frame, "A statement was run")
-  })
+}
 
 export const innermost = (tx: Tx) => tx.stack[tx.stack.length - 1]
 
@@ -323,8 +330,22 @@ const runHeld = <A>(
           flushPendingRelease(frame),
           Effect.suspend(() => tx.owned.execute(run(), restore))
         )
-  return Effect.tapErrorCause(statement, (cause) => markAborted(frame, sql, cause))
+  const verify = tx.mode.verify
+  return Effect.tapErrorCause(
+    verify === undefined ? statement : verified(statement, () => verify(frame, sql)),
+    (cause) => markAborted(frame, sql, cause)
+  )
 }
+
+/** `statement`, then the mode's check of the session, whichever way the statement ended. */
+const verified = <A>(
+  statement: Effect.Effect<A, SqlError>,
+  check: () => SqlError | undefined
+): Effect.Effect<A, SqlError> =>
+  Effect.flatMap(Effect.exit(statement), (exit) => {
+    const lost = check()
+    return lost === undefined ? exit : Effect.fail(lost)
+  })
 
 /** `sql` preceded by the release still pending, if any, so that both travel in one round trip; clears it. */
 const withPendingRelease = (tx: Tx, sql: string | undefined): string | undefined => {
@@ -342,35 +363,32 @@ const withPendingRelease = (tx: Tx, sql: string | undefined): string | undefined
  */
 const runAtomic = <A>(
   frame: Frame,
+  sql: string,
   statement: () => Effect.Effect<A, SqlError>,
   restore: Restore
 ): Effect.Effect<A, SqlError> => {
   const tx = frame.tx
   const name = `etx_${++tx.savepoints}`
   const open = withPendingRelease(tx, tx.dialect.savepoint(name))!
-  return Effect.matchCauseEffect(
-    Effect.zipRight(
-      run(tx.conn, open),
-      Effect.suspend(() => tx.owned.execute(statement(), restore))
-    ),
-    {
-      onFailure: (cause) => Effect.zipRight(undoStatement(frame, name), Effect.failCause(cause)),
-      onSuccess: (value) => {
-        tx.pendingRelease = name
-        return Effect.succeed(value)
-      }
-    }
+  const executed = Effect.zipRight(
+    run(tx.conn, open),
+    Effect.suspend(() => tx.owned.execute(statement(), restore))
   )
+  const verify = tx.mode.verify
+  return Effect.matchCauseEffect(verify === undefined ? executed : verified(executed, () => verify(frame, sql)), {
+    onFailure: (cause) =>
+      tx.lost === undefined
+        ? Effect.zipRight(undoStatement(frame, name), Effect.failCause(cause))
+        : Effect.failCause(cause),
+    onSuccess: (value) => {
+      tx.pendingRelease = name
+      return Effect.succeed(value)
+    }
+  })
 }
 
 const undoStatement = (frame: Frame, name: string) =>
   Effect.catchAllCause(run(frame.tx.conn, frame.tx.dialect.rollbackTo(name)), () => markAborted(frame))
-
-/** Why a statement may not run in a test transaction at all, if it may not. */
-const refusedInSandbox = (frame: Frame, sql: string): SqlError | undefined => {
-  if (frame.sealed) return new SqlError({ message: "TestTransaction refused a statement", cause: sealedError() })
-  return transactionControlOf(sql) === undefined ? undefined : controlStatementError(sql)
-}
 
 /**
  * The block a fiber would wait for for ever: one it opened itself with the manual handle, open inside `frame`, so
@@ -445,7 +463,7 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
       // connection: it does not wait for the code under test's open transactions to end (that could deadlock
       // where production cannot), only for the connection to be free, and runs inside whatever block is open.
       return tx.owned.withConnection(frame.endClaim, restore, () =>
-        frame.open ? runAtomic(frame, run, restore) : Effect.fail(closedError(frame))
+        frame.open ? runAtomic(frame, sql, run, restore) : Effect.fail(closedError(frame))
       )
     }
     return unlessSelfBlocking(
@@ -546,7 +564,7 @@ export const provideFrame = <A, E, R>(effect: Effect.Effect<A, E, R>, frame: Fra
     // One copy of the context instead of one per added service.
     const services = new Map(context.unsafeMap)
     services.set(Current.key, frame)
-    services.set(SqlClient.TransactionConnection.key, [frame.connection, frame.depth])
+    services.set(SqlClient.TransactionConnection.key, [frame.connection, frame.level])
     return Context.unsafeMake(services)
   })
 
@@ -594,7 +612,8 @@ export const abortedError = (frame: Frame) => {
       ? "a statement inside it failed"
       : `the statement ${JSON.stringify(by.sql.trim().slice(0, 120))} inside it failed (${databaseInfo(by.error).message})`
   return new TransactionError({
-    reason: frame.depth === 0 ? "CommitFailed" : "SavepointFailed",
+    // The code's outermost transaction in a test ends where its COMMIT would: it fails as that COMMIT would.
+    reason: frame.level === 0 || frame.declared !== undefined ? "CommitFailed" : "SavepointFailed",
     message:
       `${frame.describe()} returned successfully, but ${statement}, so the database had aborted ` +
       `it; it was rolled back and nothing of it was kept. ${hints["25P02"]}`,
@@ -783,7 +802,7 @@ export const openNested = (
           )
         },
         onSuccess: () => {
-          const frame = new Frame(tx, parent, parent.depth + 1, name)
+          const frame = new Frame(tx, parent, parent.level + 1, name)
           tx.stack.push(frame)
           return Effect.succeed(frame)
         }

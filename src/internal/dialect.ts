@@ -73,6 +73,11 @@ export interface Dialect {
   readonly destroy: (conn: Connection) => Effect.Effect<void>
   /** Closes the connection's socket now, so that whatever it still runs ends with an error. */
   readonly terminate: (conn: Connection) => Effect.Effect<void>
+  /**
+   * Whether the session is inside a transaction after the last statement, as the database reported it with that
+   * statement's answer (`"failed"`: inside one that an error aborted); undefined when the driver does not say.
+   */
+  readonly transactionStatus: (conn: Connection) => "idle" | "open" | "failed" | undefined
 }
 
 interface PgLikeClient {
@@ -84,6 +89,7 @@ interface PgLikeClient {
   readonly readyForQuery?: boolean
   readonly _queryQueue?: ReadonlyArray<unknown>
   readonly _ending?: boolean
+  readonly _txStatus?: unknown
   readonly _ended?: boolean
   readonly host?: unknown
   readonly port?: unknown
@@ -257,8 +263,16 @@ export const postgres: Dialect = {
       const stream = client.connection?.stream
       if (stream?.destroy !== undefined) stream.destroy()
       else client.end().catch(() => undefined)
-    })
+    }),
+  // node-postgres keeps the indicator of the last ReadyForQuery.
+  transactionStatus: (conn) => {
+    const status = pgClientOf(conn)?._txStatus
+    return typeof status === "string" ? transactionStatuses[status] : undefined
+  }
 }
+
+/** PostgreSQL's transaction status indicator, sent with every ReadyForQuery: idle, in a transaction, or failed. */
+const transactionStatuses: Record<string, "idle" | "open" | "failed"> = { I: "idle", T: "open", E: "failed" }
 
 /** The dialect the engine uses; PostgreSQL unless a layer provides another. */
 export class CurrentDialect extends Context.Reference<CurrentDialect>()("effect-transaction/Dialect", {

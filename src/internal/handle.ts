@@ -14,14 +14,15 @@ import { TransactionError } from "../TransactionError.js"
 import { CurrentDialect } from "./dialect.js"
 import {
   controlError,
+  declareOutermost,
   finishNested,
   type Frame,
   openNested,
   parentOf,
   provideFrame,
-  run,
-  sealedError
+  run
 } from "./blocks.js"
+import { sealedError } from "./sandbox.js"
 import { checkBeginOptions, checkNestedOptions, invalidOption } from "./options.js"
 import { closeConnection, finishOutermost, open } from "./outermost.js"
 import { withHooksOfLast } from "./hooks.js"
@@ -53,9 +54,7 @@ export const begin = (
       return Effect.uninterruptibleMask((restore) =>
         Effect.flatMap(openNested(parent, restore), (root) => {
           root.openedBy = fiber.id()
-          if (virtual) {
-            root.declared = { isolation: options.isolation, readOnly: options.readOnly, deferrable: options.deferrable }
-          }
+          if (virtual) declareOutermost(root, options)
           return makeHandle(root, userScope, undefined)
         })
       )

@@ -11,7 +11,8 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import type * as Transaction from "../Transaction.js"
 import type { TransactionError } from "../TransactionError.js"
-import { closedTransactionError, Current, type Frame, sandboxError, sealedError, type Tx } from "./blocks.js"
+import { closedTransactionError, Current, type Frame, type Tx } from "./blocks.js"
+import { sandboxError, sealedError } from "./sandbox.js"
 
 /**
  * Runs the hooks of the attempt that ended the transaction (the one that committed, or the last one), once its
@@ -119,12 +120,12 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
         ? hook.context
         : Context.add(Context.add(hook.context, Current, around), SqlClient.TransactionConnection, [
             around.connection,
-            around.depth
+            around.level
           ] as const)
     ) as Effect.Effect<unknown, unknown>
   return Effect.flatMap(Effect.serviceOption(HookCapture), (capture) => {
     if (tx.mode.virtual && capture._tag === "Some") {
-      for (const hook of due) capture.value.push({ kind, transactionId: tx.id, effect: bound(hook) })
+      for (const hook of due) capture.value.push({ kind, transactionId: frame.id, effect: bound(hook) })
       return Effect.void
     }
     return Effect.flatMap(HookFailureHandler, (handler) =>
@@ -135,7 +136,7 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
             Effect.catchAllCause(
               handler({
                 kind,
-                transactionId: tx.id,
+                transactionId: frame.id,
                 index,
                 cause,
                 message:

@@ -23,6 +23,7 @@ import {
   abortedError,
   closeInner,
   controlError,
+  declareOutermost,
   finishNested,
   Frame,
   held,
@@ -36,10 +37,10 @@ import {
   parentOf,
   provideFrame,
   run,
-  sealedError,
   type Tx
 } from "./blocks.js"
 import { checkNestedOptions, millisOf, validateOptions } from "./options.js"
+import { sealedError } from "./sandbox.js"
 import { withHooksOfLast } from "./hooks.js"
 
 /**
@@ -471,11 +472,6 @@ export const virtualOutermost = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   options: Transaction.Options
 ): Effect.Effect<A, E | TransactionError, R> => {
-  const declared: Characteristics = {
-    isolation: options.isolation,
-    readOnly: options.readOnly,
-    deferrable: options.deferrable
-  }
   return Effect.suspend(() => {
     const limit = limitOf(options)
     let last: Frame | undefined
@@ -486,8 +482,7 @@ export const virtualOutermost = <A, E, R>(
       }
       return Effect.flatMap(openNested(parent, restore), (frame) => {
         last = frame
-        frame.declared = declared
-        frame.deadlockTimeoutMillis = deadlockTimeoutMillisOf(options)
+        declareOutermost(frame, options)
         const body = bounded(restore(provideFrame(effect, frame)), limit, frame)
         return Effect.flatMap(Effect.exit(body), (exit) => finishNested(frame, exit))
       })

@@ -4,17 +4,16 @@
  * own PgClient tag), `sql.reserve` in a test, `setLocal`, `advisoryLock`, and the accessors of the current block.
  */
 import * as SqlClient from "@effect/sql/SqlClient"
-import type { Connection } from "@effect/sql/SqlConnection"
 import { SqlError } from "@effect/sql/SqlError"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Duration from "effect/Duration"
 import * as Layer from "effect/Layer"
-import type * as Option from "effect/Option"
-import type * as Scope from "effect/Scope"
+import * as Option from "effect/Option"
 import type * as Transaction from "../Transaction.js"
 import type { TransactionError } from "../TransactionError.js"
-import { Current, type Frame, sandboxError, sealedError } from "./blocks.js"
+import { Current, type Frame } from "./blocks.js"
+import { reserveInSandbox, sealedError } from "./sandbox.js"
 import { invalidOption, validateOptions } from "./options.js"
 import { outermostRetrying, transact, virtualOutermost } from "./outermost.js"
 
@@ -71,25 +70,6 @@ const SandboxedClient = Symbol.for("effect-transaction/TestTransaction/Sandboxed
 /** @internal */
 export const isSandboxed = (client: SqlClient.SqlClient): boolean => SandboxedClient in client
 
-/** In a test, `sql.reserve` hands out the test's connection, as the block that asks for it sees it. */
-const reserveInSandbox: Effect.Effect<Connection, SqlError, Scope.Scope> = Effect.withFiberRuntime((fiber) => {
-  const current = Context.getOption(fiber.currentContext, Current)
-  if (current._tag === "None") {
-    return Effect.fail(
-      new SqlError({
-        message: "TestTransaction refused sql.reserve",
-        cause: sandboxError(
-          "TestTransaction: sql.reserve was called outside a test. Run the code inside TestTransaction.isolate."
-        )
-      })
-    )
-  }
-  const frame = current.value as Frame
-  return frame.sealed
-    ? Effect.fail(new SqlError({ message: "TestTransaction refused sql.reserve", cause: sealedError() }))
-    : Effect.succeed(frame.connection)
-})
-
 /** @internal */
 export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient> = Layer.effectContext(
   Effect.gen(function* () {
@@ -106,6 +86,23 @@ export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient>
 
 /** @effect/sql-pg's client tag, by its key, so that the engine does not import the driver. */
 const PgClientTag = Context.GenericTag<SqlClient.SqlClient>("@effect/sql-pg/PgClient")
+
+/**
+ * The clients code under test gets in a test: `client` (the SqlClient) and, when `context` has it, the driver's own
+ * tag (@effect/sql-pg's PgClient), both sandboxed, so that neither path reaches the database around the test.
+ */
+/** @internal */
+export const sandboxedServices = (
+  client: SqlClient.SqlClient,
+  context: Context.Context<never>
+): Context.Context<SqlClient.SqlClient> => {
+  const sandbox = (found: SqlClient.SqlClient) => (isSandboxed(found) ? found : wrapClient(found, true))
+  const services = Context.make(SqlClient.SqlClient, sandbox(client))
+  const driver = Context.getOption(context, PgClientTag)
+  return driver._tag === "Some"
+    ? (Context.add(services, PgClientTag, sandbox(driver.value)) as Context.Context<SqlClient.SqlClient>)
+    : services
+}
 
 const INT64_MIN = -(2n ** 63n)
 const INT64_MAX = 2n ** 63n - 1n
@@ -167,8 +164,17 @@ export const requiresNew = <A, E, R>(
     )
   }) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current> | SqlClient.SqlClient>
 
+/**
+ * The block the code runs in, as production would show it: a test's own block (TestTransaction) stands for no
+ * transaction at all, so code under test outside its own transactions reads "not in a transaction".
+ */
 /** @internal */
-export const currentOption: Effect.Effect<Option.Option<Transaction.Transaction>> = Effect.serviceOption(Current)
+export const currentOption: Effect.Effect<Option.Option<Transaction.Transaction>> = Effect.map(
+  Effect.serviceOption(Current),
+  (current) => (current._tag === "Some" && (current.value as Frame).test ? OptionNone : current)
+)
+
+const OptionNone: Option.Option<never> = Option.none()
 
 /** @internal */
 export const isActive: Effect.Effect<boolean> = Effect.map(

@@ -9,11 +9,12 @@ import type * as TestTransaction from "../TestTransaction.js"
 import type * as Transaction from "../Transaction.js"
 import { TransactionError } from "../TransactionError.js"
 import { CurrentDialect } from "./dialect.js"
-import { Current, type Frame, finishNested, openNested, provideFrame, sandboxError, sandboxMode } from "./blocks.js"
+import { Current, type Frame, finishNested, openNested, provideFrame } from "./blocks.js"
+import { lostTransactionError, sandboxError, sandboxMode } from "./sandbox.js"
 import { type CapturedHook, HookCapture } from "./hooks.js"
 import { checkBeginOptions } from "./options.js"
 import { closeConnection, finishOutermost, open } from "./outermost.js"
-import { isSandboxed, wrapClient } from "./propagation.js"
+import { sandboxedServices } from "./propagation.js"
 
 const missingClient = (what: string) =>
   Effect.dieMessage(
@@ -21,17 +22,13 @@ const missingClient = (what: string) =>
       "Effect.provide(PgClient.layer({ ... })) around the test, or TestTransaction.layer().pipe(Layer.provide(PgLive))."
   )
 
-/** Runs the effect in `frame`, with the SqlClient the code under test gets in a test. */
+/** Runs the effect in `frame`, with the clients the code under test gets in a test. */
 const inTest = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   frame: Frame,
-  client: SqlClient.SqlClient
+  services: Context.Context<SqlClient.SqlClient>
 ): Effect.Effect<A, E, Exclude<R, Scope.Scope>> =>
-  provideFrame(Effect.provideService(Effect.scoped(effect), SqlClient.SqlClient, client), frame) as Effect.Effect<
-    A,
-    E,
-    Exclude<R, Scope.Scope>
-  >
+  provideFrame(Effect.provide(Effect.scoped(effect), services), frame) as Effect.Effect<A, E, Exclude<R, Scope.Scope>>
 
 /** A rollback asked for ends in an empty failure; the body's own exit is what the test returns. */
 const bodyUnlessRollbackFailed = <A, E>(
@@ -44,6 +41,10 @@ const bodyUnlessRollbackFailed = <A, E>(
 }
 
 const nothing = Exit.failCause(Cause.empty)
+
+/** A test whose test transaction a statement ended fails, even if it caught that statement's error. */
+const unlessLost = <A, E>(test: Frame, body: Exit.Exit<A, E>): Exit.Exit<A, E | TransactionError> =>
+  test.tx.lost === undefined || Exit.isFailure(body) ? body : Exit.fail(lostTransactionError(test))
 
 /** @internal */
 export const isolate = <A, E, R>(
@@ -77,14 +78,13 @@ export const isolate = <A, E, R>(
         )
       }
       // In a suite that shares one test transaction (or inside another isolate): a savepoint rolled back after.
-      const found = Context.unsafeGet(context, SqlClient.SqlClient)
-      const client = isSandboxed(found) ? found : wrapClient(found, true)
+      const services = sandboxedServices(Context.unsafeGet(context, SqlClient.SqlClient), context)
       return Effect.uninterruptibleMask((restore) =>
         Effect.flatMap(openNested(frame, restore), (test) => {
           test.test = true
-          return Effect.flatMap(Effect.exit(restore(inTest(effect, test, client))), (body) =>
+          return Effect.flatMap(Effect.exit(restore(inTest(effect, test, services))), (body) =>
             Effect.flatMap(Effect.exit(finishNested(test, nothing)), (rolledBack) =>
-              bodyUnlessRollbackFailed(body, rolledBack)
+              bodyUnlessRollbackFailed(unlessLost(test, body), rolledBack)
             )
           )
         })
@@ -92,7 +92,7 @@ export const isolate = <A, E, R>(
     }
     const client = Context.getOption(context, SqlClient.SqlClient)
     if (client._tag === "None") return missingClient("TestTransaction.isolate")
-    const sandboxed = isSandboxed(client.value) ? client.value : wrapClient(client.value, true)
+    const services = sandboxedServices(client.value, context)
     return Effect.uninterruptibleMask((restore) =>
       Effect.flatMap(Scope.make(), (scope) =>
         open(
@@ -108,11 +108,11 @@ export const isolate = <A, E, R>(
           Effect.onError((cause) => Scope.close(scope, Exit.failCause(cause))),
           Effect.flatMap((test) => {
             test.test = true
-            return Effect.flatMap(Effect.exit(restore(inTest(effect, test, sandboxed))), (body) =>
+            return Effect.flatMap(Effect.exit(restore(inTest(effect, test, services))), (body) =>
               finishOutermost(test, nothing, undefined).pipe(
                 Effect.onExit((exit) => closeConnection(test.tx, scope, exit)),
                 Effect.exit,
-                Effect.flatMap((rolledBack) => bodyUnlessRollbackFailed(body, rolledBack))
+                Effect.flatMap((rolledBack) => bodyUnlessRollbackFailed(unlessLost(test, body), rolledBack))
               )
             )
           })
@@ -130,7 +130,7 @@ export const layer = <E = never, R = never>(
       const found = yield* Effect.serviceOption(SqlClient.SqlClient)
       if (found._tag === "None") return yield* missingClient("TestTransaction.layer")
       const client = found.value
-      const sandboxed = isSandboxed(client) ? client : wrapClient(client, true)
+      const services = sandboxedServices(client, yield* Effect.context<never>())
       const dialect = yield* CurrentDialect
       const scope = yield* Scope.make()
       const { seed, ...begin } = options
@@ -154,14 +154,12 @@ export const layer = <E = never, R = never>(
         )
       )
       if (seed !== undefined) {
-        yield* Effect.scoped(
-          provideFrame(Effect.provideService(seed, SqlClient.SqlClient, sandboxed), root)
-        ) as Effect.Effect<unknown, E, R>
+        yield* Effect.scoped(provideFrame(Effect.provide(seed, services), root)) as Effect.Effect<unknown, E, R>
       }
       root.sealed = true
-      return Context.make(SqlClient.SqlClient, sandboxed).pipe(
+      return services.pipe(
         Context.add(Current, root as Transaction.Transaction),
-        Context.add(SqlClient.TransactionConnection, [root.connection, root.depth] as const)
+        Context.add(SqlClient.TransactionConnection, [root.connection, root.level] as const)
       ) as Context.Context<SqlClient.SqlClient>
     })
   )
