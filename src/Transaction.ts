@@ -95,11 +95,11 @@ export interface Options {
    */
   readonly acquireTimeout?: Duration.DurationInput | undefined
   /**
-   * How long a statement or nested block of this transaction waits for the connection while a block nested deeper
-   * by another fiber holds it, before failing with `WouldDeadlock` (60 seconds when absent). Such a wait only ends
-   * when that block ends, so one that lasts this long is almost always a cycle: the nested block joins the waiting
-   * fiber, or the two fibers take a lock in opposite orders. Waiting for one statement of another fiber to finish
-   * does not count.
+   * How long a statement or nested block of this transaction may be kept out of the connection by one and the same
+   * block nested deeper (or stream being read) before failing with `WouldDeadlock`: 60 seconds when absent,
+   * `"infinity"` for no bound. Such a wait only ends when that block ends, so one that lasts this long is almost
+   * always a cycle: the nested block joins the waiting fiber, or the two fibers take a lock in opposite orders.
+   * Waiting for another fiber's statement to finish, or behind several blocks in turn, does not count.
    */
   readonly deadlockTimeout?: Duration.DurationInput | undefined
 }

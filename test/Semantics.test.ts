@@ -5,7 +5,7 @@
 import { SqlClient } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { PgClient } from "@effect/sql-pg"
-import { Cause, Deferred, Effect, Exit, Fiber, Layer, Schedule } from "effect"
+import { Cause, Deferred, Duration, Effect, Exit, Fiber, Layer, Schedule, Stream } from "effect"
 import { Transaction } from "effect-transaction"
 import {
   committedIds,
@@ -357,6 +357,79 @@ describe("shapes that deadlock by construction end within deadlockTimeout", () =
           yield* Fiber.join(slow)
         }).pipe(Transaction.withTransaction({ deadlockTimeout: "200 millis" }), bounded)
         assert.deepStrictEqual(yield* committedIds, [1])
+      })
+    )
+
+    it.effect("queueing behind several sibling nested blocks in turn is not a deadlock", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const outcomes = yield* Effect.forEach(
+          [1, 2, 3, 4, 5, 6],
+          (id) =>
+            Effect.zipRight(insert(id), sql`SELECT pg_sleep(0.25)`).pipe(
+              Transaction.withTransaction(),
+              Effect.exit,
+              Effect.map(Exit.isSuccess)
+            ),
+          { concurrency: "unbounded" }
+        ).pipe(Transaction.withTransaction({ deadlockTimeout: "600 millis" }), bounded)
+        assert.deepStrictEqual(outcomes, [true, true, true, true, true, true])
+        assert.deepStrictEqual(yield* committedIds, [1, 2, 3, 4, 5, 6])
+      })
+    )
+
+    it.effect("a deadlockTimeout beyond a timer's range, or infinite, never fires early", () =>
+      Effect.gen(function* () {
+        yield* items
+        for (const deadlockTimeout of ["25 days", Duration.infinity] as const) {
+          const sql = yield* SqlClient.SqlClient
+          const inNested = yield* Deferred.make<void>()
+          yield* Effect.gen(function* () {
+            const nested = yield* Effect.fork(
+              Effect.zipRight(Deferred.succeed(inNested, undefined), sql`SELECT pg_sleep(0.3)`).pipe(
+                Transaction.withTransaction()
+              )
+            )
+            yield* Deferred.await(inNested)
+            yield* sql`SELECT 1`
+            yield* Fiber.join(nested)
+          }).pipe(Transaction.withTransaction({ deadlockTimeout }), bounded)
+        }
+      })
+    )
+
+    it.effect("a statement of the fiber reading a stream of the same transaction fails at once", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const exit = yield* sql<{ n: number }>`SELECT generate_series(1, 3) AS n`.stream.pipe(
+          Stream.mapEffect((row) => sql`SELECT ${row.n}`),
+          Stream.runDrain,
+          Transaction.withTransaction(),
+          Effect.exit,
+          bounded
+        )
+        const error = Exit.isFailure(exit) ? wouldDeadlock(exit.cause) : undefined
+        assert.isDefined(error, "WouldDeadlock")
+        assert.match(String(error!.message), /a stream this same fiber is reading/)
+      })
+    )
+
+    it.effect("another fiber kept out by a stream whose reader waits for it gives up at deadlockTimeout", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const exit = yield* sql<{ n: number }>`SELECT generate_series(1, 3) AS n`.stream.pipe(
+          Stream.mapEffect((row) => Effect.flatMap(Effect.fork(sql`SELECT ${row.n}`), Fiber.join)),
+          Stream.runDrain,
+          Transaction.withTransaction({ deadlockTimeout: "300 millis" }),
+          Effect.exit,
+          bounded
+        )
+        const error = Exit.isFailure(exit) ? wouldDeadlock(exit.cause) : undefined
+        assert.isDefined(error, "WouldDeadlock")
+        assert.match(String(error!.message), /a stream of the same transaction holds/)
       })
     )
 

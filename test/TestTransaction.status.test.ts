@@ -65,6 +65,24 @@ describe("a statement that ends the test transaction behind TestTransaction's ba
       })
     )
 
+    it.effect("the test fails with the ended transaction first when the code swallowed the error; no hook runs", () =>
+      Effect.gen(function* () {
+        yield* items
+        const ran: Array<string> = []
+        const exit = yield* Effect.gen(function* () {
+          yield* Transaction.afterRollback(Effect.sync(() => ran.push("afterRollback")))
+          yield* Transaction.afterCommit(Effect.sync(() => ran.push("afterCommit")))
+          yield* insert(1)
+          yield* Effect.ignore(commit)
+        }).pipe(Transaction.withTransaction(), TestTransaction.isolate, Effect.exit)
+        assert.isTrue(Exit.isFailure(exit))
+        const first = Exit.isFailure(exit) ? Cause.failures(exit.cause).pipe((all) => [...all][0]) : undefined
+        assert.match(String((first as { message?: string }).message), /^TestTransaction: the test transaction ended/)
+        assert.deepStrictEqual(ran, [])
+        assert.deepStrictEqual(yield* committedIds, [1])
+      })
+    )
+
     it.effect("in a suite that shares a test transaction, later tests fail instead of running outside it", () =>
       Effect.gen(function* () {
         yield* items

@@ -1,6 +1,6 @@
 import { SqlClient } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
-import { Cause, Chunk, Context, Effect, Exit, Fiber, Layer, Option, Stream } from "effect"
+import { Cause, Chunk, Context, Deferred, Effect, Exit, Fiber, Layer, Option, Stream } from "effect"
 import { TestTransaction, Transaction } from "effect-transaction"
 import { transactionControlOf } from "../src/internal/transaction.js"
 import { committedIds, idleInTransaction, insert, transactionError, visibleIds } from "./utils/fixtures.js"
@@ -314,6 +314,32 @@ describe("TestTransaction.isolate", () => {
         const error = sqlError(exit)
         assert.match(error.message, /waited 300 ms \(deadlockTimeout\)/)
         assert.deepStrictEqual(yield* committedIds, [])
+      })
+    )
+
+    it.effect("a code transaction waiting to start while another is open ends at its own deadlockTimeout", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const started = Date.now()
+        const exit = yield* Effect.gen(function* () {
+          const go = yield* Deferred.make<void>()
+          const first = yield* Effect.fork(
+            Effect.zipRight(insert(1), Deferred.await(go)).pipe(
+              Transaction.withTransaction({ deadlockTimeout: "400 millis" })
+            )
+          )
+          yield* Effect.sleep("20 millis")
+          yield* Effect.zipRight(insert(2), Deferred.succeed(go, undefined)).pipe(
+            Transaction.withTransaction({ deadlockTimeout: "400 millis" }),
+            Effect.ensuring(Deferred.succeed(go, undefined))
+          )
+          yield* Fiber.join(first)
+        }).pipe(Effect.exit, TestTransaction.isolate)
+        assert.isBelow(Date.now() - started, 5_000)
+        const error = transactionError(exit)
+        assert.strictEqual(error.reason, "WouldDeadlock")
+        assert.match(error.message, /waited 400 ms \(deadlockTimeout\)/)
+        assert.match(error.message, /take turns on the test's one connection/)
       })
     )
 

@@ -21,7 +21,7 @@ import { databaseInfo, TransactionError } from "../TransactionError.js"
 import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
 import { Owned, type Policy } from "./connection.js"
 import type { Hook } from "./hooks.js"
-import { millisOf } from "./options.js"
+import { deadlockTimeoutMillisOf } from "./options.js"
 
 /** @internal */
 export const Current = Context.GenericTag<Transaction.Current, Transaction.Transaction>(
@@ -41,14 +41,19 @@ const newTransactionId = () => nextTransactionId++
 export const declareOutermost = (frame: Frame, options: Transaction.BeginOptions): void => {
   frame.declared = { isolation: options.isolation, readOnly: options.readOnly, deferrable: options.deferrable }
   frame.virtualId = newTransactionId()
-  frame.deadlockTimeoutMillis = options.deadlockTimeout === undefined ? undefined : millisOf(options.deadlockTimeout)
+  frame.deadlockTimeoutMillis = deadlockTimeoutMillisOf(options)
 }
 
 /** What a fiber asks the connection for: a statement or a new nested block of `frame`, or the end of a block. */
 interface Claim {
   readonly frame: Frame
-  /** A statement or a new nested block needs its block innermost; ending a block only needs a free connection. */
-  readonly kind: "statement" | "end"
+  /**
+   * A statement or a new nested block needs its block innermost; ending a block only needs a free connection, and
+   * so does a test's own statement ("test"), which, unlike the end of a block, may give up (`deadlockTimeout`).
+   */
+  readonly kind: "statement" | "end" | "test"
+  /** The `deadlockTimeout` of this wait, when it is not its block's (a test's code opening its own transaction). */
+  readonly deadlockTimeoutMillis?: number | undefined
 }
 
 /**
@@ -56,9 +61,18 @@ interface Claim {
  * block nested deeper for longer than its transaction's `deadlockTimeout` gives up (`WouldDeadlock`).
  */
 const blockPolicy = (stack: ReadonlyArray<Frame>): Policy<Claim> => ({
-  mayUse: (claim) => claim.kind === "end" || stack[stack.length - 1] === claim.frame,
+  mayUse: (claim) => claim.kind !== "statement" || stack[stack.length - 1] === claim.frame,
   refused: (claim) => claim.kind === "statement" && !claim.frame.open,
-  stuckAfterMillis: (claim) => deadlockTimeoutOf(claim.frame)
+  keptOutBy: (claim) => {
+    const top = stack[stack.length - 1]
+    return claim.kind !== "statement" || top === claim.frame ? undefined : top
+  },
+  // The end of a block never gives up: it must run, and nothing it waits for can wait for it.
+  stuckAfterMillis: (claim) => {
+    if (claim.kind === "end") return undefined
+    const millis = claim.deadlockTimeoutMillis ?? deadlockTimeoutOf(claim.frame)
+    return Number.isFinite(millis) ? millis : undefined
+  }
 })
 
 /** How long a statement or nested block waits, by default, while a block another fiber opened holds the connection. */
@@ -266,11 +280,15 @@ export class Frame implements Transaction.Transaction {
     return this.savepoint ?? ""
   }
   describe() {
-    return this.level === 0 || this.savepoint === undefined
-      ? `transaction ${this.tx.id}`
-      : `nested block ${this.savepoint} of transaction ${this.tx.id}`
+    return this.depth === 0 || this.savepoint === undefined
+      ? `transaction ${this.id}`
+      : `nested block ${this.savepoint} of transaction ${this.id}`
   }
 }
+
+/** The error of a block, or a test, whose test transaction a statement ended behind the engine's back. */
+export const lostTransactionError = (frame: Frame) =>
+  new TransactionError({ reason: "Unsupported", message: `TestTransaction: ${frame.tx.lost}` })
 
 export const closedTransactionError = (frame: Frame, what: string) =>
   new TransactionError({
@@ -417,19 +435,25 @@ const wouldDeadlockError = (frame: Frame, what: string, holder: Frame) =>
  * A wait for the connection that outlasted the transaction's `deadlockTimeout` while a deeper block held it: by then
  * almost always a cycle the engine cannot see (the block's fiber waits for this one, directly or through a lock).
  */
-const stuckError = (frame: Frame, what: string) => {
+const stuckError = (frame: Frame, what: string, millis: number | undefined = deadlockTimeoutOf(frame)) => {
   const holder = innermost(frame.tx)
-  const millis = deadlockTimeoutOf(frame)
-  return new TransactionError({
-    reason: "WouldDeadlock",
-    message:
-      `${what} in ${frame.describe()} waited ${millis} ms (deadlockTimeout) for the connection, which ` +
-      `${holder === undefined ? "a nested block" : holder.describe()} holds until it ends; it gave up, as the ` +
-      "two most likely wait for each other (the nested block joins or awaits this fiber, or the two fibers take " +
-      "a lock in opposite orders). Nothing was sent. Run the work in the nested block itself, join forked fibers " +
-      "before opening a nested block, or raise deadlockTimeout on the outermost transaction if the nested block " +
-      "is simply slow."
-  })
+  const waited = `${what} in ${frame.describe()} waited ${millis} ms (deadlockTimeout) for the connection, which `
+  const message =
+    holder === undefined || holder === frame || !frame.open
+      ? `${waited}a stream of the same transaction holds until the stream has been read to its end; it gave up, ` +
+        "as the stream's reader most likely waits for it. Nothing was sent. Read the stream to its end first " +
+        "(or collect its rows with Stream.runCollect), then run the statement."
+      : holder.declared !== undefined && frame.tx.mode.virtual
+        ? `${waited}${holder.describe()}, another transaction of the code under test, holds until it ends. In a ` +
+          "test the code's transactions take turns on the test's one connection, where production would run them " +
+          "at the same time on two: code in which one transaction waits for another that is still open cannot run " +
+          "under TestTransaction. Nothing was sent. Let the first transaction end before the second needs it, or " +
+          "test that interplay without TestTransaction."
+        : `${waited}${holder.describe()} holds until it ends; it gave up, as the two most likely wait for each ` +
+          "other (the nested block joins or awaits this fiber, or the two fibers take a lock in opposite orders). " +
+          "Nothing was sent. Run the work in the nested block itself, join forked fibers before opening a nested " +
+          "block, or raise deadlockTimeout on the outermost transaction if the nested block is simply slow."
+  return new TransactionError({ reason: "WouldDeadlock", message })
 }
 
 const stuckStatementError = (frame: Frame) => {
@@ -437,19 +461,35 @@ const stuckStatementError = (frame: Frame) => {
   return new SqlError({ message: error.message, cause: error })
 }
 
-/** Fails at once when the current fiber would wait for a block only it can end. */
-const unlessSelfBlocking = <A, E>(
+const streamDeadlockError = (frame: Frame, what: string) =>
+  new TransactionError({
+    reason: "WouldDeadlock",
+    message:
+      `${what} in ${frame.describe()} would wait for the connection, which a stream this same fiber is reading ` +
+      "holds until the stream has been read to its end (sql`...`.stream keeps the transaction's connection while " +
+      "its rows arrive), so it would wait for ever. Nothing was sent. Read the stream to its end first (or " +
+      "collect its rows with Stream.runCollect), then run the statement."
+  })
+
+/**
+ * Fails at once when the current fiber would wait for what only it can end: a block it opened with the manual
+ * handle, or a stream it is reading.
+ */
+const unlessSelfBlocking = <A, E, R>(
   frame: Frame,
   what: string,
   onError: (error: TransactionError) => E,
-  effect: Effect.Effect<A, E>
-): Effect.Effect<A, E> =>
-  innermost(frame.tx) === frame || frame.tx.stack.length === 0
+  effect: Effect.Effect<A, E, R>
+): Effect.Effect<A, E, R> =>
+  (innermost(frame.tx) === frame || frame.tx.stack.length === 0) && !frame.tx.owned.streaming
     ? effect
     : Effect.withFiberRuntime((fiber) => {
+        if (frame.tx.owned.heldByStreamOf(fiber.id())) return Effect.fail(onError(streamDeadlockError(frame, what)))
         const holder = selfBlocking(frame, fiber.id())
         return holder === undefined ? effect : Effect.fail(onError(wouldDeadlockError(frame, what, holder)))
       })
+
+const asSqlError = (error: TransactionError) => new SqlError({ message: error.message, cause: error })
 
 /** Called by @effect/sql when the statement runs, so the checks see the block as it is at that moment. */
 const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
@@ -462,14 +502,21 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
       // A test's own statement stands for an autocommitted one, which production would run on another pooled
       // connection: it does not wait for the code under test's open transactions to end (that could deadlock
       // where production cannot), only for the connection to be free, and runs inside whatever block is open.
-      return tx.owned.withConnection(frame.endClaim, restore, () =>
-        frame.open ? runAtomic(frame, sql, run, restore) : Effect.fail(closedError(frame))
+      return unlessSelfBlocking(
+        frame,
+        "A statement",
+        asSqlError,
+        tx.owned.withConnection({ frame, kind: "test" }, restore, (access) =>
+          access === "granted" && frame.open
+            ? runAtomic(frame, sql, run, restore)
+            : Effect.fail(access === "stuck" ? stuckStatementError(frame) : closedError(frame))
+        )
       )
     }
     return unlessSelfBlocking(
       frame,
       "A statement",
-      (error) => new SqlError({ message: error.message, cause: error }),
+      asSqlError,
       tx.owned.withConnection(frame.statementClaim, restore, (access) =>
         access === "granted"
           ? runHeld(frame, sql, run, restore)
@@ -492,41 +539,39 @@ const holdForStream = (
   const tx = frame.tx
   const refused = tx.mode.refuse(frame, sql)
   if (refused !== undefined) return Effect.fail(refused)
-  return Effect.flatMap(
-    tx.owned.hold(frame.test ? frame.endClaim : frame.statementClaim, restore, (access) =>
-      access === "stuck" ? stuckStatementError(frame) : closedError(frame)
-    ),
-    () => {
-      if (!frame.open) return Effect.fail(closedError(frame))
-      let done = false
-      const name = frame.test ? `etx_${++tx.savepoints}` : undefined
-      const finish = (exit: Exit.Exit<unknown, unknown>): Effect.Effect<void> =>
-        Effect.suspend(() => {
-          if (done) return Effect.void
-          done = true
-          return Effect.zipRight(
-            tx.owned.settle(),
-            name === undefined
-              ? Effect.void
-              : Exit.isSuccess(exit)
-                ? Effect.sync(() => {
-                    tx.pendingRelease = name
-                  })
-                : undoStatement(frame, name)
-          )
-        })
-      const sql = withPendingRelease(tx, name === undefined ? undefined : tx.dialect.savepoint(name))
-      const prepare = sql === undefined ? Effect.void : run(tx.conn, sql)
-      // Hands the connection back if the stream never started (it was interrupted first).
-      return Effect.as(
-        Effect.zipRight(
-          Effect.addFinalizer((exit) => (started() ? Effect.void : finish(exit))),
-          Effect.tapError(prepare, () => markAborted(frame))
-        ),
-        finish
-      )
-    }
+  const hold = tx.owned.hold(frame.test ? { frame, kind: "test" } : frame.statementClaim, restore, (access) =>
+    access === "stuck" ? stuckStatementError(frame) : closedError(frame)
   )
+  return Effect.flatMap(unlessSelfBlocking(frame, "A stream", asSqlError, hold), () => {
+    if (!frame.open) return Effect.fail(closedError(frame))
+    let done = false
+    const name = frame.test ? `etx_${++tx.savepoints}` : undefined
+    const finish = (exit: Exit.Exit<unknown, unknown>): Effect.Effect<void> =>
+      Effect.suspend(() => {
+        if (done) return Effect.void
+        done = true
+        return Effect.zipRight(
+          tx.owned.settle(),
+          name === undefined
+            ? Effect.void
+            : Exit.isSuccess(exit)
+              ? Effect.sync(() => {
+                  tx.pendingRelease = name
+                })
+              : undoStatement(frame, name)
+        )
+      })
+    const sql = withPendingRelease(tx, name === undefined ? undefined : tx.dialect.savepoint(name))
+    const prepare = sql === undefined ? Effect.void : run(tx.conn, sql)
+    // Hands the connection back if the stream never started (it was interrupted first).
+    return Effect.as(
+      Effect.zipRight(
+        Effect.addFinalizer((exit) => (started() ? Effect.void : finish(exit))),
+        Effect.tapError(prepare, () => markAborted(frame))
+      ),
+      finish
+    )
+  })
 }
 
 const guardConnection = (frame: Frame): Connection => {
@@ -665,16 +710,22 @@ export const keepInner = (frame: Frame): void => {
 }
 
 const abandonedResult = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect<A, E | TransactionError> =>
-  Exit.isFailure(exit)
-    ? exit
-    : Effect.fail(
-        new TransactionError({
-          reason: "TransactionClosed",
-          message:
-            `${frame.describe()} was still running when an outer block ended, so its writes were rolled back ` +
-            "with it. Join the fiber that runs a nested block before the outer block returns."
-        })
+  frame.tx.lost !== undefined
+    ? Effect.failCause(
+        Exit.isFailure(exit)
+          ? Cause.sequential(Cause.fail(lostTransactionError(frame)), exit.cause)
+          : Cause.fail(lostTransactionError(frame))
       )
+    : Exit.isFailure(exit)
+      ? exit
+      : Effect.fail(
+          new TransactionError({
+            reason: "TransactionClosed",
+            message:
+              `${frame.describe()} was still running when an outer block ended, so its writes were rolled back ` +
+              "with it. Join the fiber that runs a nested block before the outer block returns."
+          })
+        )
 
 /**
  * Ends a nested block: releases its savepoint when `exit` succeeded, rolls it back otherwise. Blocks still open
@@ -779,14 +830,23 @@ const virtualCommit = <A, E>(frame: Frame, exit: Exit.Exit<A, E>): Effect.Effect
 /** @internal */
 export const openNested = (
   parent: Frame,
-  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
-): Effect.Effect<Frame, TransactionError> =>
-  unlessSelfBlocking(
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  /** For a test's code opening its own transaction: what it is called, and its own `deadlockTimeout`. */
+  declared?: { readonly what: string; readonly deadlockTimeoutMillis: number | undefined }
+): Effect.Effect<Frame, TransactionError> => {
+  const what = declared?.what ?? "A nested block"
+  const claim: Claim =
+    declared?.deadlockTimeoutMillis === undefined
+      ? parent.statementClaim
+      : { frame: parent, kind: "statement", deadlockTimeoutMillis: declared.deadlockTimeoutMillis }
+  return unlessSelfBlocking(
     parent,
-    "A nested block",
+    what,
     (error) => error,
-    parent.tx.owned.withConnection(parent.statementClaim, restore, (access) => {
-      if (access === "stuck") return Effect.fail(stuckError(parent, "A nested block"))
+    parent.tx.owned.withConnection(claim, restore, (access) => {
+      if (access === "stuck") {
+        return Effect.fail(stuckError(parent, what, claim.deadlockTimeoutMillis ?? deadlockTimeoutOf(parent)))
+      }
       if (access === "refused") return Effect.fail(closedTransactionError(parent, "A nested block was started"))
       const tx = parent.tx
       const name = `etx_${++tx.savepoints}`
@@ -809,6 +869,7 @@ export const openNested = (
       })
     })
   )
+}
 
 export const nested = <A, E, R>(
   parent: Frame,

@@ -12,7 +12,9 @@ import type { SqlError } from "@effect/sql/SqlError"
 import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
+import * as Equal from "effect/Equal"
 import * as Fiber from "effect/Fiber"
+import type * as FiberId from "effect/FiberId"
 import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
 import type * as Scope from "effect/Scope"
@@ -27,12 +29,17 @@ export const STOP_DEADLINE_MILLIS = 10_000
 export interface Policy<C> {
   readonly mayUse: (claim: C) => boolean
   readonly refused: (claim: C) => boolean
+  /** What keeps `claim` out now (a block that must end first), or undefined when `mayUse` lets it in. */
+  readonly keptOutBy: (claim: C) => unknown
   /**
-   * How long a claim may wait while `mayUse` keeps it out (not merely while one statement runs) before its wait
-   * ends as `"stuck"`; undefined for no bound.
+   * How long a claim may be kept out by one and the same thing (what `keptOutBy` names, or a stream holding the
+   * connection; not one statement, which ends by itself) before its wait ends as `"stuck"`; undefined for no bound.
    */
   readonly stuckAfterMillis: (claim: C) => number | undefined
 }
+
+/** The longest delay a timer takes; a longer wait is checked again when it fires. */
+const MAX_TIMER_MILLIS = 2_147_483_647
 
 /** How a claim's wait for the connection ended: it holds the connection, it never can, or it waited too long. */
 export type Access = "granted" | "refused" | "stuck"
@@ -53,6 +60,8 @@ export class Owned<C> {
   broken = false
   /** The driver's statements, once the engine has taken over cancelling them (`takeOver`). */
   private inFlight: InFlight | undefined = undefined
+  /** The stream holding the connection until it ends, and the fiber that reads it (`hold`). */
+  private stream: { readonly reader: FiberId.FiberId } | undefined = undefined
 
   constructor(
     readonly conn: Connection,
@@ -107,18 +116,29 @@ export class Owned<C> {
           resume(access === "granted" ? granted : access === "refused" ? refused : stuck)
         }
       }
+      // Sampled: the clock restarts whenever what keeps the claim out changes (another block, or nothing but a
+      // running statement), so that queueing behind several blocks in turn never adds up to "stuck".
       const limit = this.policy.stuckAfterMillis(claim)
-      const check = () => {
-        const index = this.waiters.indexOf(waiter)
-        if (index < 0) return
-        if (this.policy.mayUse(claim)) {
-          timer = setTimeout(check, limit)
-        } else {
-          this.waiters.splice(index, 1)
-          resume(stuck)
+      if (limit !== undefined) {
+        let keptOutBy = this.keptOut(claim)
+        let since = Date.now()
+        const check = () => {
+          const index = this.waiters.indexOf(waiter)
+          if (index < 0) return
+          const now = Date.now()
+          const current = this.keptOut(claim)
+          if (current === undefined || current !== keptOutBy) {
+            keptOutBy = current
+            since = now
+          } else if (now - since >= limit) {
+            this.waiters.splice(index, 1)
+            resume(stuck)
+            return
+          }
+          timer = setTimeout(check, Math.min(MAX_TIMER_MILLIS, limit - (now - since)))
         }
+        timer = setTimeout(check, Math.min(MAX_TIMER_MILLIS, limit))
       }
-      if (limit !== undefined) timer = setTimeout(check, limit)
       this.waiters.push(waiter)
       return Effect.sync(() => {
         if (timer !== undefined) clearTimeout(timer)
@@ -127,6 +147,21 @@ export class Owned<C> {
         else if (waiter.granted) this.release()
       })
     })
+  }
+
+  /** What keeps `claim` out now: what the policy names, or a stream that holds the connection until it ends. */
+  private keptOut(claim: C): unknown {
+    return this.policy.keptOutBy(claim) ?? (this.busy ? this.stream : undefined)
+  }
+
+  /** Whether a stream read by `fiber` holds the connection: a statement of that fiber would wait for ever. */
+  heldByStreamOf(fiber: FiberId.FiberId): boolean {
+    return this.stream !== undefined && Equal.equals(this.stream.reader, fiber)
+  }
+
+  /** Whether a stream holds the connection. */
+  get streaming(): boolean {
+    return this.stream !== undefined
   }
 
   /**
@@ -171,11 +206,26 @@ export class Owned<C> {
    * arrive while the caller goes on). Fails with `onRefused` when the claim is refused or was kept out too long.
    */
   hold<E>(claim: C, restore: Restore, onRefused: (access: Access) => E): Effect.Effect<void, E, Scope.Scope> {
-    const take = Effect.suspend(() => (this.tryTake(claim) ? granted : restore(this.acquire(claim))))
-    return Effect.flatMap(
-      Effect.acquireRelease(take, (access) => (access === "granted" ? Effect.sync(() => this.release()) : Effect.void)),
-      (access) => (access === "granted" ? Effect.void : Effect.fail(onRefused(access)))
-    )
+    return Effect.withFiberRuntime((fiber) => {
+      const take = Effect.map(
+        Effect.suspend(() => (this.tryTake(claim) ? granted : restore(this.acquire(claim)))),
+        (access) => {
+          if (access === "granted") this.stream = { reader: fiber.id() }
+          return access
+        }
+      )
+      return Effect.flatMap(
+        Effect.acquireRelease(take, (access) =>
+          access === "granted"
+            ? Effect.sync(() => {
+                this.stream = undefined
+                this.release()
+              })
+            : Effect.void
+        ),
+        (access) => (access === "granted" ? Effect.void : Effect.fail(onRefused(access)))
+      )
+    })
   }
 
   /**

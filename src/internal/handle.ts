@@ -23,7 +23,13 @@ import {
   run
 } from "./blocks.js"
 import { sealedError } from "./sandbox.js"
-import { checkBeginOptions, checkNestedOptions, invalidOption } from "./options.js"
+import { checkBeginOptions, checkNestedOptions, deadlockTimeoutMillisOf, invalidOption } from "./options.js"
+
+/** How a test's code opening a transaction with the handle waits for the test's connection. */
+const declaredBy = (options: Transaction.BeginOptions) => ({
+  what: "A transaction of the code under test",
+  deadlockTimeoutMillis: deadlockTimeoutMillisOf(options)
+})
 import { closeConnection, finishOutermost, open } from "./outermost.js"
 import { withHooksOfLast } from "./hooks.js"
 
@@ -52,7 +58,7 @@ export const begin = (
       const incompatible = virtual ? undefined : checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
       return Effect.uninterruptibleMask((restore) =>
-        Effect.flatMap(openNested(parent, restore), (root) => {
+        Effect.flatMap(openNested(parent, restore, virtual ? declaredBy(options) : undefined), (root) => {
           root.openedBy = fiber.id()
           if (virtual) declareOutermost(root, options)
           return makeHandle(root, userScope, undefined)

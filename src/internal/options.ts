@@ -66,7 +66,7 @@ export const validateOptions = (options: Transaction.Options): TransactionError 
   }
   for (const name of durationOptions) {
     const input = options[name]
-    if (input === undefined) continue
+    if (input === undefined || (name === "deadlockTimeout" && isInfinite(input))) continue
     const millis = millisOf(input)
     if (millis === undefined) {
       return invalidOption(
@@ -99,6 +99,18 @@ const durationOptions = [
 /** The options the database enforces (`SET LOCAL`), in whole milliseconds up to a 32-bit integer. */
 const serverDurationOptions: ReadonlyArray<string> = ["statementTimeout", "lockTimeout", "idleTimeout"]
 const MAX_SERVER_MILLIS = 2_147_483_647
+
+/** The `deadlockTimeout` option in milliseconds: `Infinity` for no bound, undefined when it is not given. */
+export const deadlockTimeoutMillisOf = (options: Transaction.BeginOptions): number | undefined => {
+  const input = options.deadlockTimeout
+  if (input === undefined) return undefined
+  return isInfinite(input) ? Number.POSITIVE_INFINITY : millisOf(input)
+}
+
+const isInfinite = (input: Duration.DurationInput): boolean => {
+  const decoded = Duration.decodeUnknown(input)
+  return Option.isSome(decoded) && !Duration.isFinite(decoded.value)
+}
 
 /** A positive, finite duration in milliseconds, or undefined for anything else. */
 export const millisOf = (input: Duration.DurationInput): number | undefined => {

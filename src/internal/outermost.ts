@@ -39,7 +39,7 @@ import {
   run,
   type Tx
 } from "./blocks.js"
-import { checkNestedOptions, millisOf, validateOptions } from "./options.js"
+import { checkNestedOptions, deadlockTimeoutMillisOf, millisOf, validateOptions } from "./options.js"
 import { sealedError } from "./sandbox.js"
 import { withHooksOfLast } from "./hooks.js"
 
@@ -254,9 +254,6 @@ export const open = (
     })
   })
 }
-
-const deadlockTimeoutMillisOf = (options: Transaction.Options) =>
-  options.deadlockTimeout === undefined ? undefined : millisOf(options.deadlockTimeout)
 
 /** Gives the connection back to the pool, or destroys it when its state is unknown. */
 /** @internal */
@@ -480,7 +477,11 @@ export const virtualOutermost = <A, E, R>(
       if (limit !== undefined && limit.deadline <= Date.now()) {
         return Effect.fail(timeoutError("The transaction", limit.timeoutMillis, "no time was left for another attempt"))
       }
-      return Effect.flatMap(openNested(parent, restore), (frame) => {
+      const declared = {
+        what: "A transaction of the code under test",
+        deadlockTimeoutMillis: deadlockTimeoutMillisOf(options)
+      }
+      return Effect.flatMap(openNested(parent, restore, declared), (frame) => {
         last = frame
         declareOutermost(frame, options)
         const body = bounded(restore(provideFrame(effect, frame)), limit, frame)

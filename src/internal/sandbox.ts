@@ -18,7 +18,7 @@ import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import type * as Scope from "effect/Scope"
 import { TransactionError } from "../TransactionError.js"
-import { Current, type Frame, type Mode, refuseNothing } from "./blocks.js"
+import { Current, type Frame, lostTransactionError, type Mode, refuseNothing } from "./blocks.js"
 import { transactionControlOf } from "./sqlScan.js"
 
 /** A test transaction of TestTransaction: never committed; the code under test runs in blocks nested in it. */
@@ -60,9 +60,6 @@ const verifyInSandbox = (frame: Frame, sql: string): SqlError | undefined => {
   tx.stack.length = 1
   return lostError(frame)
 }
-
-/** The error of a test whose test transaction ended behind the engine's back. */
-export const lostTransactionError = (frame: Frame) => sandboxError(`TestTransaction: ${frame.tx.lost}`)
 
 /** The error of the statement that ended a test transaction. */
 const lostError = (frame: Frame) =>

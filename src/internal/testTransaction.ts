@@ -9,8 +9,8 @@ import type * as TestTransaction from "../TestTransaction.js"
 import type * as Transaction from "../Transaction.js"
 import { TransactionError } from "../TransactionError.js"
 import { CurrentDialect } from "./dialect.js"
-import { Current, type Frame, finishNested, openNested, provideFrame } from "./blocks.js"
-import { lostTransactionError, sandboxError, sandboxMode } from "./sandbox.js"
+import { Current, type Frame, finishNested, lostTransactionError, openNested, provideFrame } from "./blocks.js"
+import { sandboxError, sandboxMode } from "./sandbox.js"
 import { type CapturedHook, HookCapture } from "./hooks.js"
 import { checkBeginOptions } from "./options.js"
 import { closeConnection, finishOutermost, open } from "./outermost.js"
@@ -42,9 +42,18 @@ const bodyUnlessRollbackFailed = <A, E>(
 
 const nothing = Exit.failCause(Cause.empty)
 
-/** A test whose test transaction a statement ended fails, even if it caught that statement's error. */
+/**
+ * A test whose test transaction a statement ended fails with that first, whatever else it did (it may have caught
+ * the statement's error, or failed for a reason that follows from it).
+ */
 const unlessLost = <A, E>(test: Frame, body: Exit.Exit<A, E>): Exit.Exit<A, E | TransactionError> =>
-  test.tx.lost === undefined || Exit.isFailure(body) ? body : Exit.fail(lostTransactionError(test))
+  test.tx.lost === undefined
+    ? body
+    : Exit.failCause(
+        Exit.isFailure(body)
+          ? Cause.sequential(Cause.fail(lostTransactionError(test)), body.cause)
+          : Cause.fail(lostTransactionError(test))
+      )
 
 /** @internal */
 export const isolate = <A, E, R>(
