@@ -613,8 +613,10 @@ export const begin: (
 export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient> = internal.layer
 
 /**
- * The retry policy of `retry: true`: exponential back-off from 10 ms, each delay capped at one second and
- * jittered, for at most 10 attempts in all.
+ * The schedule of `retry: true`: exponential back-off from 5 ms, each delay capped at 200 ms and jittered, for at
+ * most 10 attempts in all, so that a transaction that keeps failing gives up within about a second of back-off.
+ * Under contention, any retrying transaction also takes turns: once it has failed 4 times, its next attempts run
+ * alone among the retrying transactions of its SqlClient in this process (docs/retries.md), so none starves.
  *
  * @since 0.1.0
  * @category models

@@ -41,6 +41,7 @@ import {
 } from "./blocks.js"
 import { checkNestedOptions, millisOf, validateOptions } from "./options.js"
 import { withHooksOfLast } from "./hooks.js"
+import { takeTurn, type Turns, turnsOf } from "./turns.js"
 
 /**
  * Whether a failed COMMIT may still have been committed: the connection broke before the answer came. A COMMIT
@@ -358,7 +359,8 @@ export const outermostRetrying = <A, E, R>(
         last = frame
       })
     })
-    return withHooksOfLast(attempts(once, options, limit), () => last)
+    const turns = holding ? undefined : turnsOf(client)
+    return withHooksOfLast(attempts(once, options, limit, turns), () => last)
   })
 }
 
@@ -366,12 +368,14 @@ export const outermostRetrying = <A, E, R>(
 const attempts = <A, E, R>(
   once: Effect.Effect<A, E | TransactionError, R>,
   options: Transaction.Options,
-  limit: Limit | undefined
+  limit: Limit | undefined,
+  turns?: Turns
 ): Effect.Effect<A, E | TransactionError, R> => {
   if (options.retry === undefined || options.retry === false) return once
   const schedule = options.retry === true ? defaultRetrySchedule : options.retry
   return retrying(
     once,
+    turns === undefined ? undefined : { turns, deadline: limit?.deadline },
     limit === undefined
       ? schedule
       : // No wait runs past the deadline; an attempt that would start after it fails with Timeout instead.
@@ -382,8 +386,8 @@ const attempts = <A, E, R>(
 }
 
 /** @internal */
-export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = Schedule.exponential("10 millis").pipe(
-  Schedule.modifyDelay((delay) => Duration.min(delay, Duration.seconds(1))),
+export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = Schedule.exponential("5 millis").pipe(
+  Schedule.modifyDelay((delay) => Duration.min(delay, Duration.millis(200))),
   Schedule.jittered,
   Schedule.intersect(Schedule.recurs(9))
 )
@@ -400,13 +404,14 @@ const isRetryable = (error: unknown) =>
  */
 const retrying = <A, E, R>(
   once: Effect.Effect<A, E | TransactionError, R>,
+  taking: { readonly turns: Turns; readonly deadline: number | undefined } | undefined,
   schedule: Schedule.Schedule<unknown, TransactionError>
 ): Effect.Effect<A, E | TransactionError, R> =>
   Effect.suspend(() => {
     let attempts = 0
     return Effect.suspend(() => {
       attempts++
-      return once
+      return taking === undefined ? once : takeTurn(taking.turns, once, attempts - 1, taking.deadline)
     }).pipe(
       // A serialization failure can arrive as a defect (Model repositories turn SqlError into one with orDie):
       // it is retried all the same, and comes back as the defect it was if the schedule gives up.
