@@ -11,6 +11,7 @@ import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import type * as Transaction from "../Transaction.js"
 import type { TransactionError } from "../TransactionError.js"
+import { observeHookFailure } from "./observability.js"
 import { closedTransactionError, Current, type Frame, sandboxError, sealedError, type Tx } from "./blocks.js"
 
 /**
@@ -133,17 +134,20 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
         (hook, index) =>
           Effect.catchAllCause(bound(hook), (cause) =>
             Effect.catchAllCause(
-              handler({
-                kind,
-                transactionId: tx.id,
-                index,
-                cause,
-                message:
-                  `${kind} hook ${index + 1} of ${due.length} of transaction ${tx.id} failed. The transaction ` +
-                  `${kind === "afterCommit" ? "had committed and stays committed" : "had been rolled back"}; ` +
-                  "the other hooks still ran. Handle the hook's errors inside it, or provide " +
-                  "Transaction.HookFailureHandler to report them."
-              }),
+              Effect.zipRight(
+                observeHookFailure(kind, index, cause),
+                handler({
+                  kind,
+                  transactionId: tx.id,
+                  index,
+                  cause,
+                  message:
+                    `${kind} hook ${index + 1} of ${due.length} of transaction ${tx.id} failed. The transaction ` +
+                    `${kind === "afterCommit" ? "had committed and stays committed" : "had been rolled back"}; ` +
+                    "the other hooks still ran. Handle the hook's errors inside it, or provide " +
+                    "Transaction.HookFailureHandler to report them."
+                })
+              ),
               (handlerCause) => Effect.logError("Transaction.HookFailureHandler failed", handlerCause)
             )
           ),
