@@ -16,6 +16,19 @@ import { idempotencyCost } from "./idempotency.js"
 import { testIsolation } from "./isolation.js"
 import { stubCpu } from "./stub.js"
 
+if (process.argv.includes("--help")) {
+  console.log(
+    [
+      "npm run bench [-- options]",
+      "  --quick          a short smoke run",
+      "  --rounds N       rounds per case",
+      '  --case NAME      only the cases whose name contains NAME: "flat", "nested", "contended bank", "contention",',
+      '                   "stub", "idempotency", "test isolation"'
+    ].join("\n")
+  )
+  process.exit(0)
+}
+
 const quick = process.argv.includes("--quick")
 /** `--case nested` runs only the cases whose name contains "nested". */
 const only = process.argv.includes("--case") ? process.argv[process.argv.indexOf("--case") + 1] : undefined
