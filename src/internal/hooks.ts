@@ -9,9 +9,9 @@ import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
+import { observeHookFailure } from "./observability.js"
 import type * as Transaction from "../Transaction.js"
 import type { TransactionError } from "../TransactionError.js"
-import { observeHookFailure } from "./observability.js"
 import { closedTransactionError, Current, type Frame, sandboxError, sealedError, type Tx } from "./blocks.js"
 
 /**
@@ -132,22 +132,19 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
       Effect.forEach(
         due,
         (hook, index) =>
-          Effect.catchAllCause(bound(hook), (cause) =>
+          Effect.catchAllCause(Effect.tapErrorCause(bound(hook), observeHookFailure(kind, index)), (cause) =>
             Effect.catchAllCause(
-              Effect.zipRight(
-                observeHookFailure(kind, index, cause),
-                handler({
-                  kind,
-                  transactionId: tx.id,
-                  index,
-                  cause,
-                  message:
-                    `${kind} hook ${index + 1} of ${due.length} of transaction ${tx.id} failed. The transaction ` +
-                    `${kind === "afterCommit" ? "had committed and stays committed" : "had been rolled back"}; ` +
-                    "the other hooks still ran. Handle the hook's errors inside it, or provide " +
-                    "Transaction.HookFailureHandler to report them."
-                })
-              ),
+              handler({
+                kind,
+                transactionId: tx.id,
+                index,
+                cause,
+                message:
+                  `${kind} hook ${index + 1} of ${due.length} of transaction ${tx.id} failed. The transaction ` +
+                  `${kind === "afterCommit" ? "had committed and stays committed" : "had been rolled back"}; ` +
+                  "the other hooks still ran. Handle the hook's errors inside it, or provide " +
+                  "Transaction.HookFailureHandler to report them."
+              }),
               (handlerCause) => Effect.logError("Transaction.HookFailureHandler failed", handlerCause)
             )
           ),

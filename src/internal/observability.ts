@@ -256,18 +256,20 @@ export const observeConnectionWait = <A, E, R>(reserve: Effect.Effect<A, E, R>):
   })
 
 /** Records a hook that failed, on the transaction's span and in the metrics. */
-export const observeHookFailure = (kind: string, index: number, cause: Cause.Cause<unknown>): Effect.Effect<void> =>
-  Effect.withFiberRuntime((fiber) => {
-    if (Context.get(fiber.currentContext, MetricsEnabled)) metrics.hookFailures.unsafeUpdate(1, labels("kind", kind))
-    if (fiber.getFiberRef(FiberRef.currentTracerEnabled)) {
-      const span = Context.getOption(fiber.currentContext, Tracer.ParentSpan)
-      if (span._tag === "Some" && span.value._tag === "Span") {
-        span.value.event("db.transaction.hook_failed", nanos(), {
-          "effect_transaction.hook.kind": kind,
-          "effect_transaction.hook.index": index,
-          "effect_transaction.error.reason": reasonOf(cause)
-        })
+export const observeHookFailure =
+  (kind: string, index: number) =>
+  (cause: Cause.Cause<unknown>): Effect.Effect<void> =>
+    Effect.withFiberRuntime((fiber) => {
+      if (Context.get(fiber.currentContext, MetricsEnabled)) metrics.hookFailures.unsafeUpdate(1, labels("kind", kind))
+      if (fiber.getFiberRef(FiberRef.currentTracerEnabled)) {
+        const span = Context.getOption(fiber.currentContext, Tracer.ParentSpan)
+        if (span._tag === "Some" && span.value._tag === "Span") {
+          span.value.event("db.transaction.hook_failed", nanos(), {
+            "effect_transaction.hook.kind": kind,
+            "effect_transaction.hook.index": index,
+            "effect_transaction.error.reason": reasonOf(cause)
+          })
+        }
       }
-    }
-    return Effect.void
-  })
+      return Effect.void
+    })
