@@ -11,9 +11,23 @@ import { PgClient } from "@effect/sql-pg"
 import { Cause, Effect, Layer, Redacted } from "effect"
 import { EmbeddedPostgres, Transaction, TransactionError } from "effect-transaction"
 import pg from "pg"
+import { contention } from "./contention.js"
 import { idempotencyCost } from "./idempotency.js"
 import { testIsolation } from "./isolation.js"
 import { stubCpu } from "./stub.js"
+
+if (process.argv.includes("--help")) {
+  console.log(
+    [
+      "npm run bench [-- options]",
+      "  --quick          a short smoke run",
+      "  --rounds N       rounds per case",
+      '  --case NAME      only the cases whose name contains NAME: "flat", "nested", "contended bank", "contention",',
+      '                   "stub", "idempotency", "test isolation"'
+    ].join("\n")
+  )
+  process.exit(0)
+}
 
 const quick = process.argv.includes("--quick")
 /** `--case nested` runs only the cases whose name contains "nested". */
@@ -241,6 +255,9 @@ const main = Effect.gen(function* () {
   console.log(lines.join("\n"))
   yield* sql`DROP TABLE bench_items`
   if (only === undefined || "contended bank".includes(only)) yield* contendedBank
+  if (only === undefined || "contention".includes(only)) {
+    yield* contention({ transfers: quick ? 300 : 1000, rounds: quick ? 1 : 3, fibers: [16, 32] })
+  }
   if (only === undefined || "stub".includes(only)) {
     yield* stubCpu(quick ? { transactions: 2000, rounds: 3 } : { transactions: 10_000, rounds: 7 })
   }

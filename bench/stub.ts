@@ -1,7 +1,8 @@
 /**
  * The engine's own CPU cost: transactions against a stub connection that answers every statement instantly, so
  * that what is measured is the library's work (fibers, bookkeeping, context), not the database's or the network's.
- * Reported as CPU microseconds (user + system) per transaction of two statements, for each contender.
+ * Reported as CPU microseconds (user + system) per transaction of two statements, for each contender; the library
+ * with its spans and metrics on (the default) and off.
  */
 import { Reactivity } from "@effect/experimental"
 import { SqlClient, Statement } from "@effect/sql"
@@ -58,11 +59,21 @@ const handWritten = Effect.flatMap(SqlClient.SqlClient, (sql) =>
   )
 )
 
+const noMetrics = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+  Effect.provideService(effect, Transaction.MetricsEnabled, false)
+
 const contenders: ReadonlyArray<readonly [string, Effect.Effect<unknown, unknown, SqlClient.SqlClient>]> = [
   ["hand-written", handWritten],
   ["@effect/sql withTransaction", Effect.flatMap(SqlClient.SqlClient, (sql) => sql.withTransaction(body))],
   ["effect-transaction", Transaction.withTransaction(body)],
-  ["effect-transaction, timeout", Transaction.withTransaction(body, { timeout: "10 seconds" })]
+  ["effect-transaction, timeout", Transaction.withTransaction(body, { timeout: "10 seconds" })],
+  // Spans go to Effect's built-in tracer (made, not exported) unless the tracer is disabled.
+  ["effect-transaction, metrics off", noMetrics(Transaction.withTransaction(body))],
+  ["effect-transaction, spans off", Effect.withTracerEnabled(Transaction.withTransaction(body), false)],
+  [
+    "effect-transaction, spans and metrics off",
+    Effect.withTracerEnabled(noMetrics(Transaction.withTransaction(body)), false)
+  ]
 ]
 
 const cpuMicros = (run: () => Promise<void>) => async () => {
@@ -76,19 +87,26 @@ const cpuMicros = (run: () => Promise<void>) => async () => {
 export const stubCpu = (options: { readonly transactions: number; readonly rounds: number }) =>
   Effect.gen(function* () {
     const client = yield* Effect.scoped(makeStubClient)
-    const rows: Array<ReadonlyArray<string>> = []
-    for (const [name, transaction] of contenders) {
-      const run = () =>
-        Effect.runPromise(
-          Effect.provideService(Effect.repeatN(transaction, options.transactions - 1), SqlClient.SqlClient, client)
-        ).then(() => undefined)
-      yield* Effect.promise(run)
-      const samples: Array<number> = []
-      for (let round = 0; round < options.rounds; round++) samples.push(yield* Effect.promise(cpuMicros(run)))
-      samples.sort((a, b) => a - b)
-      const median = samples[Math.floor(samples.length / 2)]!
-      rows.push([name, (median / options.transactions).toFixed(1)])
+    const runs = contenders.map(
+      ([, transaction]) =>
+        () =>
+          Effect.runPromise(
+            Effect.provideService(Effect.repeatN(transaction, options.transactions - 1), SqlClient.SqlClient, client)
+          ).then(() => undefined)
+    )
+    for (const run of runs) yield* Effect.promise(run)
+    // Each round runs every contender once, in a rotated order, so that drift on the machine hits all alike.
+    const samples: Array<Array<number>> = contenders.map(() => [])
+    for (let round = 0; round < options.rounds; round++) {
+      for (let k = 0; k < runs.length; k++) {
+        const index = (k + round) % runs.length
+        samples[index]!.push(yield* Effect.promise(cpuMicros(runs[index]!)))
+      }
     }
+    const rows = contenders.map(([name], index) => {
+      const sorted = [...samples[index]!].sort((a, b) => a - b)
+      return [name, (sorted[Math.floor(sorted.length / 2)]! / options.transactions).toFixed(1)]
+    })
     const header = ["instant stub connection", "CPU µs per transaction (2 statements)"]
     console.log(
       `\nCPU per transaction against a connection that answers instantly, median of ${options.rounds} rounds of ` +

@@ -12,6 +12,7 @@ import type * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import { dual } from "effect/Function"
 import type * as Layer from "effect/Layer"
+import type * as Metric from "effect/Metric"
 import type * as Option from "effect/Option"
 import type * as Schedule from "effect/Schedule"
 import type * as Schema from "effect/Schema"
@@ -437,6 +438,78 @@ export const HookFailureHandler: Context.Reference<HookFailureHandler, (failure:
   internal.HookFailureHandler
 
 /**
+ * The tag's identifier for the metrics switch.
+ *
+ * @since 0.1.0
+ * @category tags
+ * @example
+ * ```ts
+ * import type { Context } from "effect"
+ * import type { Transaction } from "effect-transaction"
+ *
+ * const on: Context.Tag.Service<typeof Transaction.MetricsEnabled> = true
+ * ```
+ */
+export interface MetricsEnabled {
+  readonly _: unique symbol
+}
+
+/**
+ * Whether transactions record their metrics (`Transaction.metrics`); on by default. Spans follow Effect's own
+ * switch instead: `Effect.withTracerEnabled(false)` (or `Layer.setTracerEnabled(false)`) turns them off. With both
+ * off, a transaction does no observability work at all. Read from the context of the fiber that calls
+ * `withTransaction`.
+ *
+ * @since 0.1.0
+ * @category tags
+ * @example
+ * ```ts
+ * import { Effect, Layer } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * declare const program: Effect.Effect<void>
+ *
+ * // No metrics and no spans for this program:
+ * const quiet = program.pipe(Effect.provideService(Transaction.MetricsEnabled, false), Effect.withTracerEnabled(false))
+ *
+ * // No metrics for the whole app:
+ * const NoMetrics = Layer.succeed(Transaction.MetricsEnabled, false)
+ * ```
+ */
+export const MetricsEnabled: Context.Reference<MetricsEnabled, boolean> = internal.MetricsEnabled
+
+/**
+ * The Effect metrics every outermost transaction records (docs/observability.md describes each one and its tags).
+ * Read them with `Metric.value` or `Metric.snapshot`, or export them with `@effect/opentelemetry`.
+ *
+ * @since 0.1.0
+ * @category models
+ * @example
+ * ```ts
+ * import { Effect, Metric } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * const retriesSoFar = Effect.map(Metric.value(Transaction.metrics.retries), (state) => state.count)
+ * ```
+ */
+export const metrics: {
+  /** `effect_transaction.duration`: seconds from the call to its end, tag `outcome`. */
+  readonly duration: Metric.Metric.Histogram<number>
+  /** `effect_transaction.outcomes`: transactions ended, tags `outcome` and (on failure) `reason`. */
+  readonly outcomes: Metric.Metric.Counter<number>
+  /** `effect_transaction.retries`: attempts run again, tag `reason`. */
+  readonly retries: Metric.Metric.Counter<number>
+  /** `effect_transaction.commit_failures`: COMMITs that failed, tag `reason`. */
+  readonly commitFailures: Metric.Metric.Counter<number>
+  /** `effect_transaction.active`: outermost transactions running now. */
+  readonly active: Metric.Metric.Gauge<number>
+  /** `effect_transaction.connection_wait`: seconds waiting for a pooled connection before BEGIN. */
+  readonly connectionWait: Metric.Metric.Histogram<number>
+  /** `effect_transaction.hook_failures`: hooks that failed, tag `kind`. */
+  readonly hookFailures: Metric.Metric.Counter<number>
+} = internal.metrics
+
+/**
  * Runs `effect` once after the outermost transaction commits, outside it: the connection is back in the pool and
  * the writes are visible to everyone. Registered inside a nested block that rolls back, it is dropped with the
  * block. With `retry`, only the attempt that commits runs its hooks. Hooks run in registration order, before
@@ -621,8 +694,10 @@ export const begin: (
 export const layer: Layer.Layer<SqlClient.SqlClient, never, SqlClient.SqlClient> = internal.layer
 
 /**
- * The retry policy of `retry: true`: exponential back-off from 10 ms, each delay capped at one second and
- * jittered, for at most 10 attempts in all.
+ * The schedule of `retry: true`: exponential back-off from 5 ms, each delay capped at 200 ms and jittered, for at
+ * most 10 attempts in all, so that a transaction that keeps failing gives up within about a second of back-off.
+ * Under contention, any retrying transaction also takes turns: once it has failed 4 times, its next attempts run
+ * alone among the retrying transactions of its SqlClient in this process (docs/retries.md), so none starves.
  *
  * @since 0.1.0
  * @category models

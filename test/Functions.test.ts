@@ -94,13 +94,14 @@ describe("Transaction.fn", () => {
       })
     )
 
-    it.effect("the call is a span named after the function", () =>
+    it.effect("the call is a span named after the function, with the transaction's span inside it", () =>
       Effect.gen(function* () {
         const named = Transaction.fn("loadReport")(function* () {
           const span = yield* Effect.currentSpan
-          return span.name
+          const parent = Option.getOrUndefined(span.parent)
+          return [span.name, parent?._tag === "Span" ? parent.name : undefined]
         })
-        assert.strictEqual(yield* named(), "loadReport")
+        assert.deepStrictEqual(yield* named(), ["sql.transaction", "loadReport"])
         const outside = yield* Effect.currentSpan.pipe(Effect.option)
         assert.isTrue(Option.isNone(outside))
       })

@@ -123,7 +123,9 @@ describe("Transaction.idempotent", () => {
         const second = failureOf(yield* Effect.exit(reserve))
         assert.instanceOf(first, OutOfStock)
         assert.instanceOf(second, OutOfStock)
-        assert.deepStrictEqual(second, first)
+        // Compared as plain objects: the first failed inside the transaction's span, so Effect attached the span
+        // to it (as it does to any error failed inside a span); the replayed one is decoded outside it.
+        assert.deepStrictEqual({ ...second }, { ...first })
         assert.strictEqual(runs, 1)
         assert.strictEqual(yield* committedBodies(), 0, "the failed effect's writes were rolled back")
         assert.deepStrictEqual(yield* records, [{ key: "stock", state: "failed" }])

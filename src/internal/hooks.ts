@@ -9,6 +9,7 @@ import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
+import { observeHookFailure } from "./observability.js"
 import type * as Transaction from "../Transaction.js"
 import type { TransactionError } from "../TransactionError.js"
 import { closedTransactionError, Current, type Frame, type Tx } from "./blocks.js"
@@ -135,7 +136,7 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
       Effect.forEach(
         due,
         (hook, index) =>
-          Effect.catchAllCause(bound(hook), (cause) =>
+          Effect.catchAllCause(Effect.tapErrorCause(bound(hook), observeHookFailure(kind, index)), (cause) =>
             Effect.catchAllCause(
               handler({
                 kind,

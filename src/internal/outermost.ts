@@ -42,6 +42,15 @@ import {
 import { checkNestedOptions, deadlockTimeoutMillisOf, millisOf, validateOptions } from "./options.js"
 import { sealedError } from "./sandbox.js"
 import { withHooksOfLast } from "./hooks.js"
+import {
+  type Observation,
+  observeCommitFailure,
+  observeConnectionWait,
+  observeNested,
+  observeOutermost,
+  observeRetry
+} from "./observability.js"
+import { takeTurn, type Turns, turnsOf } from "./turns.js"
 
 /**
  * Whether a failed COMMIT may still have been committed: the connection broke before the answer came. A COMMIT
@@ -103,7 +112,8 @@ export const finishOutermost = <A, E>(
       return rollback(Cause.fail(timeoutError(frame.describe(), limit.timeoutMillis, "no time was left for COMMIT")))
     }
     // COMMIT is never abandoned: past the deadline it is cancelled, and its own answer says what happened.
-    return Effect.matchCauseEffect(tx.owned.execute(tx.dialect.commit(tx.conn), held, limit?.deadline), {
+    const commit = tx.owned.execute(tx.dialect.commit(tx.conn), held, limit?.deadline)
+    return Effect.matchCauseEffect(Effect.tapError(commit, observeCommitFailure), {
       onFailure: (cause) => {
         const error = Cause.squash(cause)
         const { sqlState } = databaseInfo(error)
@@ -168,7 +178,9 @@ const acquireTimeoutError = (millis: number, holding: boolean) =>
  * waits, so another fiber waits for it, while this one may give up (at `acquireTimeout` or the `timeout` deadline) or
  * be interrupted; a connection that arrives later is released at once, as its scope has closed by then.
  */
-export const reserve = (
+export const reserve: typeof reserveConnection = (...args) => observeConnectionWait(reserveConnection(...args))
+
+const reserveConnection = (
   client: SqlClient.SqlClient,
   scope: Scope.Scope,
   acquireMillis: number | undefined,
@@ -336,7 +348,10 @@ export const transact = <A, E, R>(
       }
       const incompatible = checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
-      const inside = Effect.uninterruptibleMask((restore) => nested(parent, effect, restore))
+      const inside = observeNested(
+        Effect.uninterruptibleMask((restore) => nested(parent, effect, restore)),
+        parent
+      )
       const afterNested = parent.tx.mode.afterNested
       return afterNested === undefined ? inside : Effect.ensuring(inside, afterNested(parent))
     }
@@ -354,13 +369,23 @@ export const outermostRetrying = <A, E, R>(
   return Effect.suspend(() => {
     const limit = limitOf(options)
     let last: Frame | undefined
-    const once = Effect.uninterruptibleMask((restore) => {
-      last = undefined
-      return outermost(client, dialect, options, holding, effect, restore, limit, (frame) => {
-        last = frame
-      })
-    })
-    return withHooksOfLast(attempts(once, options, limit), () => last)
+    return observeOutermost(
+      client,
+      dialect,
+      options,
+      () => last,
+      (observation) => {
+        const once = Effect.uninterruptibleMask((restore) => {
+          last = undefined
+          if (observation !== undefined) observation.attempts++
+          return outermost(client, dialect, options, holding, effect, restore, limit, (frame) => {
+            last = frame
+          })
+        })
+        const turns = holding ? undefined : turnsOf(client)
+        return withHooksOfLast(attempts(once, options, limit, turns, observation), () => last)
+      }
+    )
   })
 }
 
@@ -368,12 +393,16 @@ export const outermostRetrying = <A, E, R>(
 const attempts = <A, E, R>(
   once: Effect.Effect<A, E | TransactionError, R>,
   options: Transaction.Options,
-  limit: Limit | undefined
+  limit: Limit | undefined,
+  turns?: Turns,
+  observation?: Observation
 ): Effect.Effect<A, E | TransactionError, R> => {
   if (options.retry === undefined || options.retry === false) return once
   const schedule = options.retry === true ? defaultRetrySchedule : options.retry
   return retrying(
     once,
+    turns === undefined ? undefined : { turns, deadline: limit?.deadline },
+    observation,
     limit === undefined
       ? schedule
       : // No wait runs past the deadline; an attempt that would start after it fails with Timeout instead.
@@ -384,8 +413,8 @@ const attempts = <A, E, R>(
 }
 
 /** @internal */
-export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = Schedule.exponential("10 millis").pipe(
-  Schedule.modifyDelay((delay) => Duration.min(delay, Duration.seconds(1))),
+export const defaultRetrySchedule: Schedule.Schedule<unknown, unknown> = Schedule.exponential("5 millis").pipe(
+  Schedule.modifyDelay((delay) => Duration.min(delay, Duration.millis(200))),
   Schedule.jittered,
   Schedule.intersect(Schedule.recurs(9))
 )
@@ -402,13 +431,16 @@ const isRetryable = (error: unknown) =>
  */
 const retrying = <A, E, R>(
   once: Effect.Effect<A, E | TransactionError, R>,
+  taking: { readonly turns: Turns; readonly deadline: number | undefined } | undefined,
+  observation: Observation | undefined,
   schedule: Schedule.Schedule<unknown, TransactionError>
 ): Effect.Effect<A, E | TransactionError, R> =>
   Effect.suspend(() => {
     let attempts = 0
+    let reason = ""
     return Effect.suspend(() => {
       attempts++
-      return once
+      return taking === undefined ? once : takeTurn(taking.turns, once, attempts - 1, taking.deadline)
     }).pipe(
       // A serialization failure can arrive as a defect (Model repositories turn SqlError into one with orDie):
       // it is retried all the same, and comes back as the defect it was if the schedule gives up.
@@ -416,8 +448,18 @@ const retrying = <A, E, R>(
         isRetryable(defect) ? Effect.fail(new RetryableDefect(defect)) : Effect.die(defect)
       ),
       Effect.retry({
-        schedule: Schedule.mapInput(schedule, (error: E | TransactionError | RetryableDefect) =>
-          classify(error instanceof RetryableDefect ? error.defect : error)
+        schedule: Schedule.mapInput(
+          observation === undefined
+            ? schedule
+            : Schedule.modifyDelay(schedule, (_, delay) => {
+                observeRetry(observation, reason, Duration.toMillis(delay))
+                return delay
+              }),
+          (error: E | TransactionError | RetryableDefect) => {
+            const classified = classify(error instanceof RetryableDefect ? error.defect : error)
+            reason = classified.reason
+            return classified
+          }
         ),
         while: (error) => isRetryable(error instanceof RetryableDefect ? error.defect : error)
       }),

@@ -1,0 +1,275 @@
+/**
+ * Spans and metrics of transactions: the `sql.transaction` span of an outermost transaction (named as @effect/sql
+ * names its own, with the OpenTelemetry database attributes and this library's), the span of a nested block, their
+ * events (savepoint, rollback to savepoint, retry, hook failure), and the Effect metrics (duration, outcomes,
+ * retries, commit failures, active transactions, connection wait, hook failures). Spans follow Effect's tracer
+ * (off with `Effect.withTracerEnabled(false)`); metrics follow `MetricsEnabled`. With both off, a transaction takes
+ * none of this path.
+ */
+import type * as SqlClient from "@effect/sql/SqlClient"
+import { SqlError } from "@effect/sql/SqlError"
+import * as Cause from "effect/Cause"
+import * as Context from "effect/Context"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import type * as Fiber from "effect/Fiber"
+import * as FiberRef from "effect/FiberRef"
+import * as Metric from "effect/Metric"
+import * as MetricBoundaries from "effect/MetricBoundaries"
+import * as MetricLabel from "effect/MetricLabel"
+import * as Redacted from "effect/Redacted"
+import * as Tracer from "effect/Tracer"
+import type * as Transaction from "../Transaction.js"
+import { classify, databaseInfo, TransactionError } from "../TransactionError.js"
+import type { Frame } from "./blocks.js"
+import type { Dialect } from "./dialect.js"
+
+/** @internal */
+export const MetricsEnabled = Context.Reference<Transaction.MetricsEnabled>()(
+  "effect-transaction/Transaction/MetricsEnabled",
+  { defaultValue: () => true }
+)
+
+/** OpenTelemetry's advised buckets for database client durations, in seconds. */
+const secondsBuckets = MetricBoundaries.fromIterable([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10])
+
+/** @internal The metrics, by name; docs/observability.md lists them. */
+export const metrics = {
+  duration: Metric.histogram(
+    "effect_transaction.duration",
+    secondsBuckets,
+    "Duration of transactions in seconds, from the call to its end (retries and the wait for a connection included)"
+  ),
+  outcomes: Metric.counter("effect_transaction.outcomes", {
+    description: "Transactions ended, by outcome and reason",
+    incremental: true
+  }),
+  retries: Metric.counter("effect_transaction.retries", {
+    description: "Attempts run again after a serialization failure or deadlock, by reason",
+    incremental: true
+  }),
+  commitFailures: Metric.counter("effect_transaction.commit_failures", {
+    description: "COMMITs that failed, by reason",
+    incremental: true
+  }),
+  active: Metric.gauge("effect_transaction.active", {
+    description: "Outermost transactions running now in this process"
+  }),
+  connectionWait: Metric.histogram(
+    "effect_transaction.connection_wait",
+    secondsBuckets,
+    "Time waiting for a pooled connection before BEGIN, in seconds"
+  ),
+  hookFailures: Metric.counter("effect_transaction.hook_failures", {
+    description: "afterCommit and afterRollback hooks that failed, by kind",
+    incremental: true
+  })
+} as const
+
+type Outcome = "committed" | "rolled_back" | "unknown"
+
+/** Tag sets, made once: updating a metric with them allocates nothing. */
+const labelCache = new Map<string, ReadonlyArray<MetricLabel.MetricLabel>>()
+const labels = (...pairs: ReadonlyArray<string>): ReadonlyArray<MetricLabel.MetricLabel> => {
+  const key = pairs.join("\u0000")
+  let found = labelCache.get(key)
+  if (found === undefined) {
+    found = []
+    for (let i = 0; i < pairs.length; i += 2)
+      (found as Array<MetricLabel.MetricLabel>).push(MetricLabel.make(pairs[i]!, pairs[i + 1]!))
+    labelCache.set(key, found)
+  }
+  return found
+}
+const noLabels: ReadonlyArray<MetricLabel.MetricLabel> = []
+
+let active = 0
+
+/** What one outermost transaction records while it runs. */
+export interface Observation {
+  readonly span: Tracer.Span | undefined
+  readonly metrics: boolean
+  attempts: number
+}
+
+/** The reason of a failure, as the tags and attributes show it: a TransactionError reason, or what a cause was. */
+export const reasonOf = (cause: Cause.Cause<unknown>): string => {
+  const failure = Cause.failureOption(cause)
+  if (failure._tag === "Some") {
+    const error = failure.value
+    if (error instanceof TransactionError) return error.reason
+    if (error instanceof SqlError || databaseInfo(error).sqlState !== undefined) return classify(error).reason
+    return "Failure"
+  }
+  return Cause.isInterruptedOnly(cause) ? "Interrupted" : "Defect"
+}
+
+const sqlStateOf = (cause: Cause.Cause<unknown>): string | undefined => {
+  const failure = Cause.failureOption(cause)
+  return failure._tag === "Some" ? databaseInfo(failure.value).sqlState : undefined
+}
+
+/** `db.namespace`: the database name, when the client says it (a PgClient's config does). */
+const namespaceOf = (client: SqlClient.SqlClient): string | undefined => {
+  const config = (client as { readonly config?: { readonly database?: unknown; readonly url?: unknown } }).config
+  if (config === undefined) return undefined
+  if (typeof config.database === "string") return config.database
+  const url = Redacted.isRedacted(config.url) ? Redacted.value(config.url) : config.url
+  if (typeof url !== "string") return undefined
+  try {
+    const name = decodeURIComponent(new URL(url).pathname.slice(1))
+    return name === "" ? undefined : name
+  } catch {
+    return undefined
+  }
+}
+
+const isEnabled = (fiber: Fiber.RuntimeFiber<unknown, unknown>) => ({
+  spans: fiber.getFiberRef(FiberRef.currentTracerEnabled),
+  metrics: Context.get(fiber.currentContext, MetricsEnabled)
+})
+
+const outcomeOf = (exit: Exit.Exit<unknown, unknown>, last: Frame | undefined): Outcome => {
+  const outcome = last?.tx.outcome
+  if (outcome === "committed") return "committed"
+  if (outcome === "unknown") return "unknown"
+  if (outcome === undefined && Exit.isSuccess(exit)) return "committed"
+  return "rolled_back"
+}
+
+/**
+ * Runs an outermost transaction (`run`, all its attempts and hooks) in its `sql.transaction` span and records its
+ * metrics; `last` is the block of its last attempt, which says how it ended.
+ */
+export const observeOutermost = <A, E, R>(
+  client: SqlClient.SqlClient,
+  dialect: Dialect,
+  options: Transaction.Options,
+  last: () => Frame | undefined,
+  run: (observation: Observation | undefined) => Effect.Effect<A, E, R>
+): Effect.Effect<A, E, R> =>
+  Effect.withFiberRuntime((fiber) => {
+    const enabled = isEnabled(fiber)
+    if (!enabled.spans && !enabled.metrics) return run(undefined)
+    const started = performance.now()
+    const finish = (observation: Observation, exit: Exit.Exit<A, E>) =>
+      Effect.sync(() => {
+        const outcome = outcomeOf(exit, last())
+        const reason = Exit.isFailure(exit) ? reasonOf(exit.cause) : undefined
+        const span = observation.span
+        if (span !== undefined) {
+          span.attribute("effect_transaction.attempts", observation.attempts)
+          span.attribute("effect_transaction.outcome", outcome)
+          if (reason !== undefined && Exit.isFailure(exit)) {
+            span.attribute("effect_transaction.error.reason", reason)
+            span.attribute("error.type", reason)
+            const sqlState = sqlStateOf(exit.cause)
+            if (sqlState !== undefined) span.attribute("db.response.status_code", sqlState)
+          }
+        }
+        if (observation.metrics) {
+          active--
+          metrics.active.unsafeUpdate(active, noLabels)
+          metrics.duration.unsafeUpdate((performance.now() - started) / 1000, labels("outcome", outcome))
+          metrics.outcomes.unsafeUpdate(
+            1,
+            reason === undefined ? labels("outcome", outcome) : labels("outcome", outcome, "reason", reason)
+          )
+        }
+      })
+    const observed = (span: Tracer.Span | undefined) => {
+      const observation: Observation = { span, metrics: enabled.metrics, attempts: 0 }
+      if (enabled.metrics) {
+        active++
+        metrics.active.unsafeUpdate(active, noLabels)
+      }
+      const body = Effect.onExit(run(observation), (exit) => finish(observation, exit))
+      return span === undefined ? body : Effect.withParentSpan(body, span)
+    }
+    if (!enabled.spans) return observed(undefined)
+    return Effect.useSpan("sql.transaction", { kind: "client", captureStackTrace: false }, (span) => {
+      span.attribute("db.system.name", dialect.name)
+      const namespace = namespaceOf(client)
+      if (namespace !== undefined) span.attribute("db.namespace", namespace)
+      if (options.isolation !== undefined) span.attribute("effect_transaction.isolation", options.isolation)
+      span.attribute("effect_transaction.read_only", options.readOnly === true)
+      return observed(span)
+    })
+  })
+
+/** Runs a nested block in a `sql.transaction` span of its own, under its caller's span, when spans are on. */
+export const observeNested = <A, E, R>(block: Effect.Effect<A, E, R>, parent: Frame): Effect.Effect<A, E, R> =>
+  Effect.withFiberRuntime((fiber) => {
+    if (!fiber.getFiberRef(FiberRef.currentTracerEnabled)) return block
+    return Effect.useSpan("sql.transaction", { kind: "client", captureStackTrace: false }, (span) => {
+      span.attribute("db.system.name", parent.tx.dialect.name)
+      span.attribute("effect_transaction.depth", parent.depth + 1)
+      span.event("db.transaction.savepoint", nanos())
+      return Effect.onExit(Effect.withParentSpan(block, span), (exit) =>
+        Effect.sync(() => {
+          if (Exit.isFailure(exit)) {
+            span.event("db.transaction.rollback_to_savepoint", nanos(), {
+              "effect_transaction.error.reason": reasonOf(exit.cause)
+            })
+          }
+        })
+      )
+    })
+  })
+
+const nanos = () => BigInt(Math.round((performance.timeOrigin + performance.now()) * 1_000_000))
+
+/** Records a retry: the reason of the failure and the delay before the next attempt. */
+export const observeRetry = (observation: Observation | undefined, reason: string, delayMillis: number): void => {
+  if (observation === undefined) return
+  observation.span?.event("db.transaction.retry", nanos(), {
+    "effect_transaction.attempt": observation.attempts,
+    "effect_transaction.error.reason": reason,
+    "effect_transaction.retry.delay_ms": delayMillis
+  })
+  if (observation.metrics) metrics.retries.unsafeUpdate(1, labels("reason", reason))
+}
+
+/** Records a failed COMMIT. */
+export const observeCommitFailure = (error: unknown): Effect.Effect<void> =>
+  Effect.withFiberRuntime((fiber) => {
+    const reason = error instanceof TransactionError ? error.reason : classify(error).reason
+    if (Context.get(fiber.currentContext, MetricsEnabled))
+      metrics.commitFailures.unsafeUpdate(1, labels("reason", reason))
+    if (fiber.getFiberRef(FiberRef.currentTracerEnabled)) {
+      const span = Context.getOption(fiber.currentContext, Tracer.ParentSpan)
+      if (span._tag === "Some" && span.value._tag === "Span") {
+        span.value.event("db.transaction.commit_failed", nanos(), { "effect_transaction.error.reason": reason })
+      }
+    }
+    return Effect.void
+  })
+
+/** Times the wait for a pooled connection. */
+export const observeConnectionWait = <A, E, R>(reserve: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+  Effect.withFiberRuntime((fiber) => {
+    if (!Context.get(fiber.currentContext, MetricsEnabled)) return reserve
+    const started = performance.now()
+    return Effect.onExit(reserve, () =>
+      Effect.sync(() => metrics.connectionWait.unsafeUpdate((performance.now() - started) / 1000, noLabels))
+    )
+  })
+
+/** Records a hook that failed, on the transaction's span and in the metrics. */
+export const observeHookFailure =
+  (kind: string, index: number) =>
+  (cause: Cause.Cause<unknown>): Effect.Effect<void> =>
+    Effect.withFiberRuntime((fiber) => {
+      if (Context.get(fiber.currentContext, MetricsEnabled)) metrics.hookFailures.unsafeUpdate(1, labels("kind", kind))
+      if (fiber.getFiberRef(FiberRef.currentTracerEnabled)) {
+        const span = Context.getOption(fiber.currentContext, Tracer.ParentSpan)
+        if (span._tag === "Some" && span.value._tag === "Span") {
+          span.value.event("db.transaction.hook_failed", nanos(), {
+            "effect_transaction.hook.kind": kind,
+            "effect_transaction.hook.index": index,
+            "effect_transaction.error.reason": reasonOf(cause)
+          })
+        }
+      }
+      return Effect.void
+    })
