@@ -332,15 +332,19 @@ describe("failures of control statements", () => {
 
     it.effect("a failed BEGIN is a typed error and the connection is closed", () =>
       Effect.gen(function* () {
+        yield* items
         const recorder = yield* Recorder.Recorder
         recorder.clear()
         recorder.failWhen = (sql) => sql.startsWith("BEGIN")
-        const exit = yield* Effect.exit(Transaction.withTransaction(Effect.succeed("never runs")))
+        const exit = yield* Effect.exit(Transaction.withTransaction(insert(1)))
         recorder.failWhen = () => false
         const error = transactionError(exit)
         assert.strictEqual(error.reason, "BeginFailed")
         assert.match(error.message, /No transaction was opened/)
-        assert.deepStrictEqual(recorder.statements, ["BEGIN"])
+        // BEGIN travels with the body's first statement.
+        assert.deepStrictEqual(recorder.statements, ["BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)"])
+        assert.isTrue(yield* gone(recorder.pids[recorder.pids.length - 1]!))
+        assert.deepStrictEqual(yield* committedIds, [])
       })
     )
 
@@ -358,8 +362,7 @@ describe("failures of control statements", () => {
         assert.match(commit?.message ?? "", /whether it committed is unknown/)
         assert.strictEqual(rollback?.reason, "RollbackFailed")
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT",
           "ROLLBACK"
         ])
@@ -388,22 +391,16 @@ describe("the SQL a transaction sends", () => {
           yield* insert(6)
         }).pipe(Transaction.withTransaction({ isolation: "repeatable read" }))
         const insertSql = "INSERT INTO items (id, label) VALUES ($1, $2)"
+        // Each line is one round trip: BEGIN, SAVEPOINT and a pending RELEASE travel with the next statement.
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN ISOLATION LEVEL REPEATABLE READ",
-          insertSql,
-          "SAVEPOINT etx_1",
-          insertSql,
-          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2",
-          insertSql,
-          "RELEASE SAVEPOINT etx_2; SAVEPOINT etx_3",
-          insertSql,
+          `BEGIN ISOLATION LEVEL REPEATABLE READ; ${insertSql}`,
+          `SAVEPOINT etx_1; ${insertSql}`,
+          `RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2; ${insertSql}`,
+          `RELEASE SAVEPOINT etx_2; SAVEPOINT etx_3; ${insertSql}`,
           "ROLLBACK TO SAVEPOINT etx_3; RELEASE SAVEPOINT etx_3",
-          "SAVEPOINT etx_4",
-          "SAVEPOINT etx_5",
-          insertSql,
-          // etx_5's release is covered by releasing etx_4, which the next statement flushes.
-          "RELEASE SAVEPOINT etx_4",
-          insertSql,
+          `SAVEPOINT etx_4; SAVEPOINT etx_5; ${insertSql}`,
+          // etx_5's release is covered by releasing etx_4, which travels with the next statement.
+          `RELEASE SAVEPOINT etx_4; ${insertSql}`,
           "COMMIT"
         ])
         assert.deepStrictEqual(yield* committedIds, [1, 2, 3, 5, 6])
@@ -418,11 +415,9 @@ describe("the SQL a transaction sends", () => {
         yield* insert(1).pipe(Transaction.withTransaction())
         yield* Effect.ignore(Effect.zipRight(insert(2), Effect.fail("no")).pipe(Transaction.withTransaction()))
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT",
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
           "ROLLBACK"
         ])
       })
@@ -435,9 +430,7 @@ describe("the SQL a transaction sends", () => {
         recorder.clear()
         yield* insert(1).pipe(Transaction.withTransaction(), Transaction.withTransaction())
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "SAVEPOINT etx_1",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; SAVEPOINT etx_1; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
       })
@@ -666,13 +659,9 @@ describe("Transaction.layer", () => {
           yield* insert(3)
         }).pipe(sql.withTransaction)
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "SAVEPOINT etx_1",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "RELEASE SAVEPOINT etx_2",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; SAVEPOINT etx_1; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "RELEASE SAVEPOINT etx_2; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
         assert.deepStrictEqual(yield* committedIds, [1, 2, 3])
@@ -725,7 +714,7 @@ describe("Transaction.layer", () => {
           [1, "create"],
           [2, "seed"]
         ])
-        assert.strictEqual(recorder.statements[0], "BEGIN")
+        assert.match(recorder.statements[0]!, /^BEGIN; /)
         assert.strictEqual(recorder.statements[recorder.statements.length - 1], "COMMIT")
         const db = yield* TestDatabase.TestDatabase
         assert.deepStrictEqual(yield* db.outside("SELECT id FROM migrated"), [{ id: 1 }])

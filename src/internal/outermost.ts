@@ -96,6 +96,11 @@ export const finishOutermost = <A, E>(
     frame.open = false
     tx.stack.length = 0
     tx.pendingRelease = undefined
+    if (frame.opening !== undefined) {
+      // BEGIN was never sent (the body ran no statement), or it failed: there is nothing to end.
+      tx.outcome = frame.openFailed === undefined && Exit.isSuccess(exit) ? "committed" : "rolledBack"
+      return frame.openFailed === undefined ? exit : Effect.fail(frame.openFailed)
+    }
     if (Exit.isFailure(exit)) return rollback(exit.cause)
     if (frame.aborted) return rollback(Cause.fail(abortedError(frame)))
     if (limit !== undefined && limit.deadline - Date.now() <= 0) {
@@ -206,7 +211,7 @@ export const reserve = (
   )
 }
 
-/** Reserves a connection into `scope` and opens the outermost block on it. */
+/** Reserves a connection into `scope` and opens the outermost block on it; BEGIN travels with its first statement. */
 /** @internal */
 export const open = (
   client: SqlClient.SqlClient,
@@ -231,25 +236,9 @@ export const open = (
     const tx = makeTx(client, conn, dialect, characteristics, mode)
     // A connection the engine reserved: its statements' cancels are the engine's, not the driver's.
     tx.owned.takeOver()
-    const frame = new Frame(tx, undefined, 0, undefined)
-    return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
-      onFailure: (cause) => {
-        frame.open = false
-        return Effect.zipRight(
-          dialect.destroy(conn),
-          controlError(
-            "BeginFailed",
-            dialect.begin(characteristics),
-            "No transaction was opened and the connection was closed.",
-            Cause.squash(cause)
-          )
-        )
-      },
-      onSuccess: () => {
-        tx.stack.push(frame)
-        return Effect.succeed(frame)
-      }
-    })
+    const frame = new Frame(tx, undefined, 0, undefined, dialect.begin(characteristics))
+    tx.stack.push(frame)
+    return Effect.succeed(frame)
   })
 }
 
