@@ -14,6 +14,7 @@ import * as Duration from "effect/Duration"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
+import * as Runtime from "effect/Runtime"
 import * as Schedule from "effect/Schedule"
 import * as Scope from "effect/Scope"
 import type * as Transaction from "../Transaction.js"
@@ -187,16 +188,28 @@ export const reserve = (
   // The `timeout` option bounds the wait for a connection too.
   const byDeadline = remaining !== undefined && (acquireMillis === undefined || remaining < acquireMillis)
   const millis = byDeadline ? remaining : acquireMillis
-  return Effect.flatMap(Effect.forkDaemon(Scope.extend(client.reserve, scope)), (waiting) =>
-    Effect.matchCauseEffect(
+  const failed = (cause: Cause.Cause<unknown>): Effect.Effect<never, TransactionError> =>
+    Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause)))
+  return Effect.withFiberRuntime((fiber) => {
+    // Started at once, with the caller's services: a pooled connection that is free now is reserved before this
+    // returns, and costs no wait for another fiber.
+    const waiting = Runtime.runFork(
+      Runtime.make({
+        context: fiber.currentContext,
+        fiberRefs: fiber.getFiberRefs(),
+        runtimeFlags: Runtime.defaultRuntimeFlags
+      })
+    )(Scope.extend(client.reserve, scope))
+    const done = waiting.unsafePoll()
+    if (done !== null) return Exit.isSuccess(done) ? Effect.succeed(done.value) : failed(done.cause)
+    return Effect.matchCauseEffect(
       restore(
         millis === undefined
           ? Effect.asSome(Fiber.join(waiting))
           : Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))
       ),
       {
-        onFailure: (cause): Effect.Effect<never, TransactionError> =>
-          Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause))),
+        onFailure: failed,
         onSuccess: Option.match({
           onNone: () =>
             Effect.fail(
@@ -208,7 +221,7 @@ export const reserve = (
         })
       }
     )
-  )
+  })
 }
 
 /** Reserves a connection into `scope` and opens the outermost block on it; BEGIN travels with its first statement. */
