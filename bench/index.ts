@@ -62,6 +62,11 @@ const insertAndRead = Effect.flatMap(SqlClient.SqlClient, (sql) => {
   )
 })
 
+const insertOnly = Effect.flatMap(
+  SqlClient.SqlClient,
+  (sql) => sql`INSERT INTO bench_items (id, payload) VALUES (${ids()}, ${"payload"})`
+)
+
 const insertOne = Effect.flatMap(
   SqlClient.SqlClient,
   (sql) => sql`INSERT INTO bench_items (id, payload) VALUES (${ids()}, ${"nested"})`
@@ -132,6 +137,17 @@ const rawFlat = async (pool: pg.Pool) => {
   }
 }
 
+const rawOne = async (pool: pg.Pool) => {
+  const client = await pool.connect()
+  try {
+    await client.query("BEGIN")
+    await client.query("INSERT INTO bench_items (id, payload) VALUES ($1, $2)", [ids(), "payload"])
+    await client.query("COMMIT")
+  } finally {
+    client.release()
+  }
+}
+
 const rawNested = async (pool: pg.Pool) => {
   const client = await pool.connect()
   try {
@@ -181,6 +197,14 @@ const cases: ReadonlyArray<Case> = [
         concurrency: FIBERS,
         discard: true
       })
+  },
+  {
+    name: "one statement, sequential",
+    transactions: flatN,
+    raw: async (pool) => {
+      for (let i = 0; i < flatN; i++) await rawOne(pool)
+    },
+    effect: (contender) => Effect.repeatN(wrap(contender, insertOnly), flatN - 1).pipe(Effect.asVoid)
   },
   {
     name: `${NESTED} nested blocks, sequential`,
@@ -236,18 +260,36 @@ const main = Effect.gen(function* () {
       yield* sql`TRUNCATE bench_items`
     }
     const base = samples["hand-written"]!
+    /** The median over rounds of `name`'s throughput relative to `to`'s in the same round. */
+    const ratio = (name: string, to: ReadonlyArray<number>) =>
+      median(samples[name]!.map((ms, round) => to[round]! / ms)).toFixed(2)
     const cell = (name: string) => {
       const tps = (c.transactions / median(samples[name]!)) * 1000
-      const ratio = median(samples[name]!.map((ms, round) => base[round]! / ms))
-      return `${tps.toFixed(0)} tx/s (${ratio.toFixed(2)}x)`
+      return `${tps.toFixed(0)} tx/s (${ratio(name, base)}x)`
     }
-    rows.push([c.name, cell("raw pg"), cell("hand-written"), cell("@effect/sql"), cell("effect-transaction")])
+    rows.push([
+      c.name,
+      cell("raw pg"),
+      cell("hand-written"),
+      cell("@effect/sql"),
+      cell("effect-transaction"),
+      `${ratio("effect-transaction", samples["@effect/sql"]!)}x`,
+      `${ratio("effect-transaction", samples["raw pg"]!)}x`
+    ])
   }
 
-  const header = ["case", "raw pg", "hand-written", "@effect/sql withTransaction", "effect-transaction"]
+  const header = [
+    "case",
+    "raw pg",
+    "hand-written",
+    "@effect/sql withTransaction",
+    "effect-transaction",
+    "effect-transaction / @effect/sql",
+    "effect-transaction / raw pg"
+  ]
   const lines = [header, header.map(() => "---"), ...rows].map((row) => `| ${row.join(" | ")} |`)
   console.log(
-    `\nThroughput, median of ${rounds} rounds; in brackets the median per-round throughput ratio to hand-written BEGIN/COMMIT on the same SqlClient.`
+    `\nThroughput, median of ${rounds} rounds; in brackets the median per-round throughput ratio to hand-written BEGIN/COMMIT on the same SqlClient; the last two columns are effect-transaction's median per-round ratios to @effect/sql's withTransaction and to raw pg.`
   )
   console.log(
     `PostgreSQL: ${yield* sql<{ v: string }>`SHOW server_version`.pipe(Effect.map((r) => Object.values(r[0]!)[0]))}, pool of ${POOL} connections${quick ? ", quick run" : ""}.\n`

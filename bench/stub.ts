@@ -27,7 +27,11 @@ const stubDriver = {
   query: () => undefined
 }
 
-const stubConnection: Connection & { readonly pg: typeof stubDriver } = {
+/**
+ * A new connection object per reservation, as @effect/sql-pg makes one per reserved client: the engine takes over
+ * each reserved connection's driver, once.
+ */
+const stubConnection = (): Connection & { readonly pg: typeof stubDriver } => ({
   pg: stubDriver,
   execute: () => Effect.succeed([]),
   executeRaw: (sql) =>
@@ -35,11 +39,11 @@ const stubConnection: Connection & { readonly pg: typeof stubDriver } = {
   executeValues: () => Effect.succeed([]),
   executeUnprepared: () => Effect.succeed([]),
   executeStream: () => Stream.empty
-}
+})
 
 const makeStubClient = SqlClient.make({
-  acquirer: Effect.succeed(stubConnection),
-  transactionAcquirer: Effect.succeed(stubConnection),
+  acquirer: Effect.sync(stubConnection),
+  transactionAcquirer: Effect.sync(stubConnection),
   compiler: Statement.makeCompilerSqlite(),
   spanAttributes: []
 }).pipe(Effect.provide(Reactivity.layer))

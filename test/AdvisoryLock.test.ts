@@ -99,7 +99,8 @@ describe("advisory locks", () => {
           )
           const failure = Exit.isFailure(exit) ? Option.getOrUndefined(Cause.failureOption(exit.cause)) : undefined
           assert.strictEqual((failure as TransactionError.TransactionError | undefined)?.reason, "InvalidOption")
-          assert.deepStrictEqual(recorder.statements, ["ROLLBACK"])
+          // The body sent nothing, so neither did the transaction.
+          assert.deepStrictEqual(recorder.statements, [])
         }
       })
     )

@@ -139,16 +139,12 @@ describe("the SQL concurrent blocks send", () => {
         }).pipe(Transaction.withTransaction())
         const insertSql = "INSERT INTO items (id, owner) VALUES ($1, $2)"
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "SAVEPOINT etx_1",
+          `BEGIN; SAVEPOINT etx_1; ${insertSql}`,
           insertSql,
-          insertSql,
-          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2",
-          insertSql,
+          `RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2; ${insertSql}`,
           insertSql,
           "ROLLBACK TO SAVEPOINT etx_2; RELEASE SAVEPOINT etx_2",
-          "SAVEPOINT etx_3",
-          insertSql,
+          `SAVEPOINT etx_3; ${insertSql}`,
           "COMMIT"
         ])
         assert.deepStrictEqual(yield* committedIds, [1, 2, 5])
@@ -175,10 +171,8 @@ describe("the SQL concurrent blocks send", () => {
         assert.isTrue(Exit.isInterrupted(yield* Fiber.interrupt(straggler)))
         const insertSql = "INSERT INTO items (id, owner) VALUES ($1, $2)"
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          insertSql,
-          "SAVEPOINT etx_1",
-          insertSql,
+          `BEGIN; ${insertSql}`,
+          `SAVEPOINT etx_1; ${insertSql}`,
           "ROLLBACK TO SAVEPOINT etx_1; RELEASE SAVEPOINT etx_1",
           "COMMIT"
         ])

@@ -34,8 +34,7 @@ describe("Transaction.fn", () => {
         assert.deepStrictEqual(result, { depth: 0, isolation: "repeatable read" })
         assert.deepStrictEqual(yield* committedIds, [1, 2])
         assert.deepStrictEqual(yield* recorded, [
-          "BEGIN ISOLATION LEVEL REPEATABLE READ",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO items (id, label) VALUES ($1, $2)",
           "INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
@@ -73,12 +72,9 @@ describe("Transaction.fn", () => {
         assert.deepStrictEqual(depths, [1, "Left"])
         assert.deepStrictEqual(yield* committedIds, [1, 2])
         assert.deepStrictEqual(yield* recorded, [
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "SAVEPOINT etx_1",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "SAVEPOINT etx_1; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2; INSERT INTO items (id, label) VALUES ($1, $2)",
           "ROLLBACK TO SAVEPOINT etx_2; RELEASE SAVEPOINT etx_2",
           "COMMIT"
         ])

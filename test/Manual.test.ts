@@ -28,8 +28,7 @@ describe("Transaction.begin", () => {
           })
         )
         assert.deepStrictEqual(yield* recorded, [
-          "BEGIN ISOLATION LEVEL SERIALIZABLE",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO items (id, label) VALUES ($1, $2)",
           "INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
@@ -49,7 +48,7 @@ describe("Transaction.begin", () => {
           })
         )
         assert.deepStrictEqual(yield* committedIds, [])
-        assert.deepStrictEqual(yield* recorded, ["BEGIN", "INSERT INTO items (id, label) VALUES ($1, $2)", "ROLLBACK"])
+        assert.deepStrictEqual(yield* recorded, ["BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)", "ROLLBACK"])
         assert.strictEqual(yield* idleInTransaction, 0)
       })
     )
@@ -115,14 +114,11 @@ describe("Transaction.begin", () => {
         )
         assert.deepStrictEqual(yield* committedIds, [1, 3, 4])
         assert.deepStrictEqual(yield* recorded, [
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "SAVEPOINT etx_1",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "SAVEPOINT etx_1; INSERT INTO items (id, label) VALUES ($1, $2)",
           "ROLLBACK TO SAVEPOINT etx_1",
           "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "RELEASE SAVEPOINT etx_1",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "RELEASE SAVEPOINT etx_1; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
       })
@@ -268,13 +264,10 @@ describe("Transaction.begin", () => {
         }).pipe(Transaction.withTransaction())
         assert.deepStrictEqual(yield* committedIds, [1, 3])
         assert.deepStrictEqual(yield* recorded, [
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "SAVEPOINT etx_1",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "SAVEPOINT etx_1; INSERT INTO items (id, label) VALUES ($1, $2)",
           "ROLLBACK TO SAVEPOINT etx_1; RELEASE SAVEPOINT etx_1",
-          "SAVEPOINT etx_2",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "SAVEPOINT etx_2; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
       })

@@ -1,8 +1,9 @@
 import { readFileSync } from "node:fs"
 import { Migrator, SqlClient } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
-import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option } from "effect"
+import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option, Stream } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
+import { CurrentDialect, type Dialect, postgres } from "../src/internal/dialect.js"
 import { committedIds, idleInTransaction, insert, items, transactionError } from "./utils/fixtures.js"
 import * as Recorder from "./utils/Recorder.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
@@ -332,15 +333,19 @@ describe("failures of control statements", () => {
 
     it.effect("a failed BEGIN is a typed error and the connection is closed", () =>
       Effect.gen(function* () {
+        yield* items
         const recorder = yield* Recorder.Recorder
         recorder.clear()
         recorder.failWhen = (sql) => sql.startsWith("BEGIN")
-        const exit = yield* Effect.exit(Transaction.withTransaction(Effect.succeed("never runs")))
+        const exit = yield* Effect.exit(Transaction.withTransaction(insert(1)))
         recorder.failWhen = () => false
         const error = transactionError(exit)
         assert.strictEqual(error.reason, "BeginFailed")
         assert.match(error.message, /No transaction was opened/)
-        assert.deepStrictEqual(recorder.statements, ["BEGIN"])
+        // BEGIN travels with the body's first statement.
+        assert.deepStrictEqual(recorder.statements, ["BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)"])
+        assert.isTrue(yield* gone(recorder.pids[recorder.pids.length - 1]!))
+        assert.deepStrictEqual(yield* committedIds, [])
       })
     )
 
@@ -358,8 +363,7 @@ describe("failures of control statements", () => {
         assert.match(commit?.message ?? "", /whether it committed is unknown/)
         assert.strictEqual(rollback?.reason, "RollbackFailed")
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT",
           "ROLLBACK"
         ])
@@ -388,22 +392,16 @@ describe("the SQL a transaction sends", () => {
           yield* insert(6)
         }).pipe(Transaction.withTransaction({ isolation: "repeatable read" }))
         const insertSql = "INSERT INTO items (id, label) VALUES ($1, $2)"
+        // Each line is one round trip: BEGIN, SAVEPOINT and a pending RELEASE travel with the next statement.
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN ISOLATION LEVEL REPEATABLE READ",
-          insertSql,
-          "SAVEPOINT etx_1",
-          insertSql,
-          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2",
-          insertSql,
-          "RELEASE SAVEPOINT etx_2; SAVEPOINT etx_3",
-          insertSql,
+          `BEGIN ISOLATION LEVEL REPEATABLE READ; ${insertSql}`,
+          `SAVEPOINT etx_1; ${insertSql}`,
+          `RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2; ${insertSql}`,
+          `RELEASE SAVEPOINT etx_2; SAVEPOINT etx_3; ${insertSql}`,
           "ROLLBACK TO SAVEPOINT etx_3; RELEASE SAVEPOINT etx_3",
-          "SAVEPOINT etx_4",
-          "SAVEPOINT etx_5",
-          insertSql,
-          // etx_5's release is covered by releasing etx_4, which the next statement flushes.
-          "RELEASE SAVEPOINT etx_4",
-          insertSql,
+          `SAVEPOINT etx_4; SAVEPOINT etx_5; ${insertSql}`,
+          // etx_5's release is covered by releasing etx_4, which travels with the next statement.
+          `RELEASE SAVEPOINT etx_4; ${insertSql}`,
           "COMMIT"
         ])
         assert.deepStrictEqual(yield* committedIds, [1, 2, 3, 5, 6])
@@ -418,11 +416,9 @@ describe("the SQL a transaction sends", () => {
         yield* insert(1).pipe(Transaction.withTransaction())
         yield* Effect.ignore(Effect.zipRight(insert(2), Effect.fail("no")).pipe(Transaction.withTransaction()))
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT",
-          "BEGIN",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
           "ROLLBACK"
         ])
       })
@@ -435,11 +431,150 @@ describe("the SQL a transaction sends", () => {
         recorder.clear()
         yield* insert(1).pipe(Transaction.withTransaction(), Transaction.withTransaction())
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "SAVEPOINT etx_1",
+          "BEGIN; SAVEPOINT etx_1; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "COMMIT"
+        ])
+      })
+    )
+  })
+})
+
+describe("round trips: BEGIN and SAVEPOINT travel with the first statement", () => {
+  layer(Recorded, { excludeTestServices: true })((it) => {
+    it.effect("a transaction whose body sends no statement sends nothing, and still commits and runs its hooks", () =>
+      Effect.gen(function* () {
+        const recorder = yield* Recorder.Recorder
+        recorder.clear()
+        const ran: Array<string> = []
+        const outcome = yield* Effect.gen(function* () {
+          yield* Transaction.afterCommit(Effect.sync(() => ran.push("afterCommit")))
+          yield* Effect.void.pipe(Transaction.withTransaction())
+          return "done"
+        }).pipe(Transaction.withTransaction({ isolation: "serializable", statementTimeout: "1 second" }))
+        const failed = yield* Effect.exit(
+          Effect.zipRight(
+            Transaction.afterRollback(Effect.sync(() => ran.push("afterRollback"))),
+            Effect.fail("no")
+          ).pipe(Transaction.withTransaction())
+        )
+        assert.strictEqual(outcome, "done")
+        assert.deepStrictEqual(failed, Exit.fail("no"))
+        assert.deepStrictEqual(ran, ["afterCommit", "afterRollback"])
+        assert.deepStrictEqual(recorder.statements, [])
+        assert.strictEqual(yield* idleInTransaction, 0)
+      })
+    )
+
+    it.effect("a nested block whose body sends no statement sends no SAVEPOINT, whether it succeeds or fails", () =>
+      Effect.gen(function* () {
+        yield* items
+        const recorder = yield* Recorder.Recorder
+        recorder.clear()
+        yield* Effect.gen(function* () {
+          yield* insert(1)
+          yield* Effect.void.pipe(Transaction.withTransaction())
+          yield* Effect.ignore(Effect.fail("no").pipe(Transaction.withTransaction()))
+          yield* insert(2)
+        }).pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(recorder.statements, [
+          "BEGIN; INSERT INTO items (id, label) VALUES ($1, $2)",
           "INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
+        assert.deepStrictEqual(yield* committedIds, [1, 2])
+      })
+    )
+
+    it.effect("a first statement without parameters, of several statements, for values or a stream", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        const recorder = yield* Recorder.Recorder
+        recorder.clear()
+        yield* sql.unsafe("INSERT INTO items (id, label) VALUES (1, 'one')").pipe(Transaction.withTransaction())
+        const several = "INSERT INTO items (id, label) VALUES (2, 'two'); INSERT INTO items (id, label) VALUES (3, 'x')"
+        yield* sql.unsafe(several).pipe(Transaction.withTransaction())
+        // Several statements: BEGIN goes first on its own, and they run only if it succeeded; all in one transaction.
+        const undone = yield* Effect.exit(
+          Effect.zipRight(sql.unsafe(several.replace("2,", "4,").replace("3,", "5,")), Effect.fail("no")).pipe(
+            Transaction.withTransaction()
+          )
+        )
+        assert.deepStrictEqual(undone, Exit.fail("no"))
+        const values = yield* sql`SELECT id, label FROM items WHERE id = ${1}`.values.pipe(
+          Transaction.withTransaction()
+        )
+        assert.deepStrictEqual(values, [[1, "one"]])
+        const streamed = yield* Stream.runCollect(sql<{ id: number }>`SELECT id FROM items ORDER BY id`.stream).pipe(
+          Transaction.withTransaction()
+        )
+        assert.deepStrictEqual(
+          Array.from(streamed, (row) => row.id),
+          [1, 2, 3]
+        )
+        assert.deepStrictEqual(yield* committedIds, [1, 2, 3])
+        assert.deepStrictEqual(recorder.statements, [
+          "BEGIN; INSERT INTO items (id, label) VALUES (1, 'one')",
+          "COMMIT",
+          `BEGIN; ${several}`,
+          "COMMIT",
+          `BEGIN; ${several.replace("2,", "4,").replace("3,", "5,")}`,
+          "ROLLBACK",
+          "BEGIN; SELECT id, label FROM items WHERE id = $1",
+          "COMMIT",
+          // A stream's cursor goes after BEGIN has been answered.
+          "BEGIN",
+          "SELECT id FROM items ORDER BY id",
+          "COMMIT"
+        ])
+      })
+    )
+
+    it.effect("a BEGIN the database refuses: BeginFailed, and the statement behind it never runs", () =>
+      Effect.gen(function* () {
+        yield* items
+        const sql = yield* SqlClient.SqlClient
+        // BEGIN itself fails, or a statement of its round trip after it does.
+        for (const begin of [["BEGIN ISOLATION LEVEL NONSENSE"], ["BEGIN", "SELECT 1/0"]]) {
+          const refusing: Dialect = { ...postgres, begin: () => begin }
+          for (const first of [insert(1), sql.unsafe("INSERT INTO items (id, label) VALUES (2, 'two')")]) {
+            let seen: unknown
+            const exit = yield* Effect.exit(
+              Effect.tapError(first, (error) => Effect.sync(() => (seen = error))).pipe(
+                Transaction.withTransaction(),
+                Effect.provideService(CurrentDialect, refusing)
+              )
+            )
+            const error = transactionError(exit)
+            assert.strictEqual(error.reason, "BeginFailed")
+            assert.match(error.message, /No transaction was opened/)
+            // The statement failed with the same error inside the body (compared by value: the transaction's span
+            // wraps the error it fails with).
+            const inBody = (seen as { cause?: TransactionError.TransactionError }).cause
+            assert.strictEqual(inBody?.reason, error.reason)
+            assert.strictEqual(inBody?.message, error.message)
+          }
+        }
+        assert.deepStrictEqual(yield* committedIds, [])
+        assert.strictEqual(yield* idleInTransaction, 0)
+      })
+    )
+
+    it.effect("a SAVEPOINT the database refuses: the nested block fails with SavepointFailed and nothing is kept", () =>
+      Effect.gen(function* () {
+        yield* items
+        const refusing: Dialect = { ...postgres, savepoint: (name) => `SAVEPOINT ${name} NONSENSE` }
+        const exit = yield* Effect.exit(
+          Effect.gen(function* () {
+            yield* insert(1)
+            const nested = yield* Effect.exit(insert(2).pipe(Transaction.withTransaction()))
+            assert.strictEqual(transactionError(nested).reason, "SavepointFailed")
+          }).pipe(Transaction.withTransaction(), Effect.provideService(CurrentDialect, refusing))
+        )
+        // The failed SAVEPOINT aborted the outer block, which is rolled back.
+        assert.strictEqual(transactionError(exit).sqlState, "25P02")
+        assert.deepStrictEqual(yield* committedIds, [])
+        assert.strictEqual(yield* idleInTransaction, 0)
       })
     )
   })
@@ -666,13 +801,9 @@ describe("Transaction.layer", () => {
           yield* insert(3)
         }).pipe(sql.withTransaction)
         assert.deepStrictEqual(recorder.statements, [
-          "BEGIN",
-          "SAVEPOINT etx_1",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
-          "RELEASE SAVEPOINT etx_2",
-          "INSERT INTO items (id, label) VALUES ($1, $2)",
+          "BEGIN; SAVEPOINT etx_1; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "RELEASE SAVEPOINT etx_1; SAVEPOINT etx_2; INSERT INTO items (id, label) VALUES ($1, $2)",
+          "RELEASE SAVEPOINT etx_2; INSERT INTO items (id, label) VALUES ($1, $2)",
           "COMMIT"
         ])
         assert.deepStrictEqual(yield* committedIds, [1, 2, 3])
@@ -725,7 +856,7 @@ describe("Transaction.layer", () => {
           [1, "create"],
           [2, "seed"]
         ])
-        assert.strictEqual(recorder.statements[0], "BEGIN")
+        assert.match(recorder.statements[0]!, /^BEGIN; /)
         assert.strictEqual(recorder.statements[recorder.statements.length - 1], "COMMIT")
         const db = yield* TestDatabase.TestDatabase
         assert.deepStrictEqual(yield* db.outside("SELECT id FROM migrated"), [{ id: 1 }])

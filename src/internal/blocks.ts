@@ -224,6 +224,8 @@ export class Frame implements Transaction.Transaction {
   virtualId = 0
   /** How a block with `declared` characteristics ended: its virtual commit or rollback. */
   outcome: "committed" | "rolledBack" | undefined = undefined
+  /** Why the block could not be opened: its statements fail with this, and its end sends nothing. */
+  openFailed: TransactionError | undefined = undefined
   readonly connection: Connection
   readonly statementClaim: Claim = { frame: this, kind: "statement" }
   readonly endClaim: Claim = { frame: this, kind: "end" }
@@ -233,7 +235,12 @@ export class Frame implements Transaction.Transaction {
     readonly parent: Frame | undefined,
     /** How deep the block is on its connection: 0 for the transaction the engine (or a test) opened. */
     readonly level: number,
-    readonly savepoint: string | undefined
+    readonly savepoint: string | undefined,
+    /**
+     * The statements that open the block (BEGIN, SAVEPOINT) until they have been sent: they travel with the first
+     * statement that runs in it, so a block that runs none sends nothing. Sent blocks are the bottom of the stack.
+     */
+    public opening: ReadonlyArray<string> | undefined
   ) {
     this.connection = guardConnection(this)
   }
@@ -323,31 +330,165 @@ const markAborted = (frame: Frame, sql?: string, cause?: Cause.Cause<unknown>) =
     }
   })
 
-/** Sends a deferred RELEASE before a statement, so open savepoints never outnumber open blocks. */
-const flushPendingRelease = (frame: Frame): Effect.Effect<void, SqlError> => {
-  const tx = frame.tx
-  const name = tx.pendingRelease!
-  tx.pendingRelease = undefined
-  return Effect.asVoid(
-    Effect.tapError(tx.conn.executeUnprepared(tx.dialect.release(name), [], undefined), () => markAborted(frame))
-  )
+/**
+ * What must precede the next statement on the connection: a deferred RELEASE, then the opening statements of the
+ * blocks not sent yet, outermost first; `ends[i]` counts the statements up to the end of `blocks[i]`'s opening.
+ */
+interface Pending {
+  readonly statements: Array<string>
+  readonly blocks: Array<Frame>
+  readonly ends: Array<number>
+  readonly released: boolean
 }
+
+/** The statements still to send before the next one, if any; the error of a block that could not be opened. */
+const pendingOf = (tx: Tx): Pending | TransactionError | undefined => {
+  const stack = tx.stack
+  let first = stack.length
+  while (first > 0 && stack[first - 1]!.opening !== undefined) first--
+  if (first === stack.length && tx.pendingRelease === undefined) return undefined
+  const statements: Array<string> = []
+  if (tx.pendingRelease !== undefined) statements.push(tx.dialect.release(tx.pendingRelease))
+  const blocks: Array<Frame> = []
+  const ends: Array<number> = []
+  for (let i = first; i < stack.length; i++) {
+    const block = stack[i]!
+    if (block.openFailed !== undefined) return block.openFailed
+    for (const statement of block.opening!) statements.push(statement)
+    blocks.push(block)
+    ends.push(statements.length)
+  }
+  return { statements, blocks, ends, released: tx.pendingRelease !== undefined }
+}
+
+/**
+ * Records that the database completed `completed` of `pending`'s statements (all of them unless a failure says
+ * otherwise). When one failed, the blocks it would have opened stay unopened: the outermost block's failure is a
+ * BeginFailed (the connection is closed at the end), a nested one's a SavepointFailed, and the block the failure
+ * happened in is aborted. Returns the error of the block that could not be opened, if any.
+ */
+const settlePending = (
+  tx: Tx,
+  pending: Pending,
+  completed: number,
+  cause?: Cause.Cause<unknown>
+): TransactionError | undefined => {
+  if (pending.released) tx.pendingRelease = undefined
+  let opened = 0
+  while (opened < pending.blocks.length && completed >= pending.ends[opened]!) {
+    pending.blocks[opened]!.opening = undefined
+    opened++
+  }
+  if (completed >= pending.statements.length || cause === undefined) return undefined
+  const sql = pending.statements[completed]!
+  const error = Cause.squash(cause)
+  const failed = pending.blocks[opened]
+  if (failed !== undefined && failed.parent === undefined) {
+    tx.owned.broken = true
+    failed.openFailed = controlError(
+      "BeginFailed",
+      sql,
+      "No transaction was opened, no statement of it ran, and the connection was closed.",
+      error
+    )
+    return failed.openFailed
+  }
+  const inside =
+    opened > 0
+      ? pending.blocks[opened - 1]
+      : pending.blocks.length > 0
+        ? tx.stack[tx.stack.indexOf(pending.blocks[0]!) - 1]
+        : innermost(tx)
+  if (inside !== undefined) {
+    inside.aborted = true
+    if (inside.abortedBy === undefined && !Cause.isInterruptedOnly(cause)) inside.abortedBy = { sql, error }
+  }
+  if (failed === undefined) return undefined
+  failed.openFailed = controlError(
+    "SavepointFailed",
+    `SAVEPOINT for ${failed.describe()}`,
+    "No statement of the nested block ran; the block around it cannot go on and will be rolled back.",
+    error
+  )
+  return failed.openFailed
+}
+
+/** The error a statement fails with when the block it runs in could not be opened. */
+const unopenedError = (error: TransactionError) => new SqlError({ message: error.message, cause: error })
+
+/**
+ * Sends what is pending, and `extra` after it, in a round trip of their own. Without a connection the engine took
+ * over, this is how a block's opening and a deferred RELEASE reach the database before a statement.
+ */
+const sendPending = (tx: Tx, extra?: string): Effect.Effect<void, SqlError> => {
+  const pending = pendingOf(tx)
+  if (pending instanceof TransactionError) return Effect.fail(unopenedError(pending))
+  if (pending === undefined) return extra === undefined ? Effect.void : run(tx.conn, extra)
+  if (extra !== undefined) pending.statements.push(extra)
+  return Effect.matchCauseEffect(run(tx.conn, tx.dialect.batch(pending.statements)), {
+    // Which of them ran is not known: as if none had, and the block they ran in is rolled back.
+    onFailure: (cause) => {
+      const failed = settlePending(tx, pending, 0, cause)
+      return Effect.failCause(
+        failed === undefined || Cause.isInterruptedOnly(cause) ? cause : Cause.fail(unopenedError(failed))
+      )
+    },
+    onSuccess: () => {
+      settlePending(tx, pending, pending.statements.length)
+      return Effect.void
+    }
+  })
+}
+
+/**
+ * Runs a statement of the innermost block with what is pending ahead of it: in its round trip on a connection the
+ * engine took over, in one of their own before it otherwise.
+ */
+const runWithPending = <A>(
+  frame: Frame,
+  sql: string,
+  run: (sql: string) => Effect.Effect<A, SqlError>,
+  restore: Restore
+): Effect.Effect<A, SqlError> =>
+  Effect.suspend(() => {
+    const tx = frame.tx
+    const pending = pendingOf(tx)
+    if (pending === undefined) return tx.owned.execute(run(sql), restore)
+    if (pending instanceof TransactionError) return Effect.fail(unopenedError(pending))
+    const carried = tx.owned.carry(pending.statements, sql)
+    if (carried === undefined) {
+      return Effect.zipRight(
+        sendPending(tx),
+        Effect.suspend(() => tx.owned.execute(run(sql), restore))
+      )
+    }
+    return Effect.matchCauseEffect(tx.owned.execute(run(carried.sql), restore), {
+      onFailure: (cause) => {
+        const failed = settlePending(tx, pending, carried.completed(), cause)
+        return Effect.failCause(
+          failed === undefined || Cause.isInterrupted(cause) ? cause : Cause.fail(unopenedError(failed))
+        )
+      },
+      onSuccess: (value) => {
+        settlePending(tx, pending, pending.statements.length)
+        return Effect.succeed(value)
+      }
+    })
+  })
 
 /** Runs a statement of `frame`, holding the connection; a failed or interrupted one aborts the block. */
 const runHeld = <A>(
   frame: Frame,
   sql: string,
-  run: () => Effect.Effect<A, SqlError>,
+  run: (sql: string) => Effect.Effect<A, SqlError>,
   restore: Restore
 ): Effect.Effect<A, SqlError> => {
   const tx = frame.tx
+  // The innermost block sent means every block is: only a deferred RELEASE can be pending.
   const statement =
-    tx.pendingRelease === undefined
-      ? tx.owned.execute(run(), restore)
-      : Effect.zipRight(
-          flushPendingRelease(frame),
-          Effect.suspend(() => tx.owned.execute(run(), restore))
-        )
+    frame.opening === undefined && tx.pendingRelease === undefined
+      ? tx.owned.execute(run(sql), restore)
+      : runWithPending(frame, sql, run, restore)
   const verify = tx.mode.verify
   return Effect.tapErrorCause(
     verify === undefined ? statement : verified(statement, () => verify(frame, sql)),
@@ -387,15 +528,18 @@ const runAtomic = <A>(
 ): Effect.Effect<A, SqlError> => {
   const tx = frame.tx
   const name = `etx_${++tx.savepoints}`
-  const open = withPendingRelease(tx, tx.dialect.savepoint(name))!
+  let opened = false
   const executed = Effect.zipRight(
-    run(tx.conn, open),
-    Effect.suspend(() => tx.owned.execute(statement(), restore))
+    sendPending(tx, tx.dialect.savepoint(name)),
+    Effect.suspend(() => {
+      opened = true
+      return tx.owned.execute(statement(), restore)
+    })
   )
   const verify = tx.mode.verify
   return Effect.matchCauseEffect(verify === undefined ? executed : verified(executed, () => verify(frame, sql)), {
     onFailure: (cause) =>
-      tx.lost === undefined
+      opened && tx.lost === undefined
         ? Effect.zipRight(undoStatement(frame, name), Effect.failCause(cause))
         : Effect.failCause(cause),
     onSuccess: (value) => {
@@ -492,7 +636,11 @@ const unlessSelfBlocking = <A, E, R>(
 const asSqlError = (error: TransactionError) => new SqlError({ message: error.message, cause: error })
 
 /** Called by @effect/sql when the statement runs, so the checks see the block as it is at that moment. */
-const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
+const guarded = <A>(
+  frame: Frame,
+  sql: string,
+  run: (sql: string) => Effect.Effect<A, SqlError>
+): Effect.Effect<A, SqlError> =>
   Effect.uninterruptibleMask((restore) => {
     const tx = frame.tx
     if (!frame.open) return Effect.fail(closedError(frame))
@@ -508,7 +656,7 @@ const guarded = <A>(frame: Frame, sql: string, run: () => Effect.Effect<A, SqlEr
         asSqlError,
         tx.owned.withConnection({ frame, kind: "test" }, restore, (access) =>
           access === "granted" && frame.open
-            ? runAtomic(frame, sql, run, restore)
+            ? runAtomic(frame, sql, () => run(sql), restore)
             : Effect.fail(access === "stuck" ? stuckStatementError(frame) : closedError(frame))
         )
       )
@@ -561,8 +709,7 @@ const holdForStream = (
               : undoStatement(frame, name)
         )
       })
-    const sql = withPendingRelease(tx, name === undefined ? undefined : tx.dialect.savepoint(name))
-    const prepare = sql === undefined ? Effect.void : run(tx.conn, sql)
+    const prepare = sendPending(tx, name === undefined ? undefined : tx.dialect.savepoint(name))
     // Hands the connection back if the stream never started (it was interrupted first).
     return Effect.as(
       Effect.zipRight(
@@ -577,11 +724,11 @@ const holdForStream = (
 const guardConnection = (frame: Frame): Connection => {
   const conn = frame.tx.conn
   return {
-    execute: (sql, params, transformRows) => guarded(frame, sql, () => conn.execute(sql, params, transformRows)),
-    executeRaw: (sql, params) => guarded(frame, sql, () => conn.executeRaw(sql, params)),
-    executeValues: (sql, params) => guarded(frame, sql, () => conn.executeValues(sql, params)),
+    execute: (sql, params, transformRows) => guarded(frame, sql, (text) => conn.execute(text, params, transformRows)),
+    executeRaw: (sql, params) => guarded(frame, sql, (text) => conn.executeRaw(text, params)),
+    executeValues: (sql, params) => guarded(frame, sql, (text) => conn.executeValues(text, params)),
     executeUnprepared: (sql, params, transformRows) =>
-      guarded(frame, sql, () => conn.executeUnprepared(sql, params, transformRows)),
+      guarded(frame, sql, (text) => conn.executeUnprepared(text, params, transformRows)),
     // A stream holds the connection until it has ended.
     executeStream: (sql, params, transformRows) =>
       Stream.suspend(() => {
@@ -682,6 +829,8 @@ export const closeInner = (frame: Frame): Effect.Effect<void> =>
       block.open = false
       block.abandoned = true
     }
+    // Nothing ran in a block never sent, nor in any inside it.
+    if (inner[0]!.opening !== undefined) return Effect.void
     tx.pendingRelease = undefined
     return Effect.catchAllCause(run(tx.conn, tx.dialect.rollbackTo(inner[0]!.savepoint!)), () => markAborted(frame))
   })
@@ -759,6 +908,12 @@ const endNested = <A, E>(
   const end = (): Effect.Effect<A, E | TransactionError> => {
     tx.stack.pop()
     frame.open = false
+    if (frame.opening !== undefined) {
+      // Its SAVEPOINT was never sent, so nothing ran in it: nothing to release or roll back.
+      if (frame.openFailed !== undefined) return Effect.fail(frame.openFailed)
+      if (Exit.isSuccess(exit) && frame.declared === undefined) handHooksTo(frame.parent!, frame.hooks)
+      return exit
+    }
     if (Exit.isSuccess(exit) && !frame.aborted) {
       if (frame.declared !== undefined) return virtualCommit(frame, exit)
       // Releasing this savepoint releases any deeper one still pending.
@@ -850,23 +1005,10 @@ export const openNested = (
       if (access === "refused") return Effect.fail(closedTransactionError(parent, "A nested block was started"))
       const tx = parent.tx
       const name = `etx_${++tx.savepoints}`
-      const sql = withPendingRelease(tx, tx.dialect.savepoint(name))!
-      return Effect.matchCauseEffect(run(tx.conn, sql), {
-        onFailure: (cause) => {
-          parent.aborted = true
-          return controlError(
-            "SavepointFailed",
-            `SAVEPOINT for a nested block of ${parent.describe()}`,
-            "The nested block did not run.",
-            Cause.squash(cause)
-          )
-        },
-        onSuccess: () => {
-          const frame = new Frame(tx, parent, parent.level + 1, name)
-          tx.stack.push(frame)
-          return Effect.succeed(frame)
-        }
-      })
+      // The SAVEPOINT travels with the block's first statement.
+      const frame = new Frame(tx, parent, parent.level + 1, name, [tx.dialect.savepoint(name)])
+      tx.stack.push(frame)
+      return Effect.succeed(frame)
     })
   )
 }
@@ -909,7 +1051,7 @@ export const parentOf = (
     },
     foreignMode
   )
-  const root = new Frame(adopted, undefined, depth, undefined)
+  const root = new Frame(adopted, undefined, depth, undefined, undefined)
   adopted.stack.push(root)
   foreignRoots.set(conn, root)
   return root
@@ -922,6 +1064,6 @@ const foreignRoots = new WeakMap<Connection, Frame>()
 export const flushForeign = (root: Frame) =>
   root.tx.owned
     .withConnection(root.endClaim, held, () =>
-      root.tx.pendingRelease === undefined ? Effect.void : flushPendingRelease(root)
+      root.tx.pendingRelease === undefined ? Effect.void : sendPending(root.tx)
     )
     .pipe(Effect.ignore)

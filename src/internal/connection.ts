@@ -18,7 +18,7 @@ import type * as FiberId from "effect/FiberId"
 import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
 import type * as Scope from "effect/Scope"
-import type { Dialect, InFlight } from "./dialect.js"
+import type { Carried, Dialect, InFlight } from "./dialect.js"
 
 /** How long a cancel request may take to reach the database before the connection is given up on. */
 export const CANCEL_DEADLINE_MILLIS = 5_000
@@ -268,6 +268,14 @@ export class Owned<C> {
    */
   takeOver(): void {
     this.inFlight = this.dialect.takeOver(this.conn)
+  }
+
+  /**
+   * Makes control `statements` travel ahead of the statement `sql` in its round trip, on a connection the engine
+   * took over; `undefined` elsewhere (send them on their own first).
+   */
+  carry(statements: ReadonlyArray<string>, sql: string): Carried | undefined {
+    return this.inFlight?.carry(statements, sql)
   }
 
   /** Runs a statement that `deadline` cancels, out of band, if it is still running then. */

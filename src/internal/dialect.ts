@@ -4,12 +4,24 @@ import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Predicate from "effect/Predicate"
 import { sendCancelRequest } from "./pgCancel.js"
+import { splitStatements } from "./sqlScan.js"
 
 /** Whether a statement the engine stopped waiting for is still running on the connection. */
 export interface InFlight {
   readonly running: () => boolean
   /** Calls `listener` once nothing is in flight any more; returns what removes it. */
   readonly onEnded: (listener: () => void) => () => void
+  /**
+   * Makes control `statements` travel ahead of the next statement, `sql`, in its round trip: run `Carried.sql`
+   * instead of `sql`. If one of them fails, the statements after it and `sql` do not run.
+   */
+  readonly carry: (statements: ReadonlyArray<string>, sql: string) => Carried
+}
+
+/** A statement with control statements ahead of it, and how many of those the database has completed. */
+export interface Carried {
+  readonly sql: string
+  readonly completed: () => number
 }
 
 /** The transaction characteristics the outermost block was opened with. */
@@ -28,7 +40,8 @@ export interface Characteristics {
  */
 export interface Dialect {
   readonly name: string
-  readonly begin: (characteristics: Characteristics) => string
+  /** BEGIN with the characteristics, and the settings that follow it, one statement each. */
+  readonly begin: (characteristics: Characteristics) => ReadonlyArray<string>
   readonly savepoint: (name: string) => string
   readonly release: (name: string) => string
   /** Rolls back to the savepoint and releases it, leaving the outer block as it was before the savepoint. */
@@ -113,7 +126,8 @@ const takenOver = new WeakMap<object, PgLikeClient>()
  * Gives @effect/sql-pg's connection a stand-in for its node-postgres client: the same `query`, but no process id,
  * so that the driver has no cancel of its own to run when a statement is interrupted (its cancel takes a pooled
  * connection, and can stay queued and land on another transaction's statement). The engine cancels instead, out
- * of band, and the stand-in tells it whether a query is still in flight.
+ * of band, and the stand-in tells it whether a query is still in flight. The stand-in also sends the control
+ * statements the engine asks to `carry` in the same round trip as the statement they precede (`sendCarried`).
  */
 const takeOver = (conn: Connection): InFlight | undefined => {
   const holder = conn as { pg?: unknown }
@@ -121,24 +135,33 @@ const takeOver = (conn: Connection): InFlight | undefined => {
   if (client === undefined || holder.pg !== client || typeof (client as { query?: unknown }).query !== "function") {
     return undefined
   }
-  const real = client as PgLikeClient & { readonly query: (...args: Array<unknown>) => unknown }
+  const real = client as PgQueryClient
   let running = 0
   const waiting: Array<() => void> = []
   const ended = () => {
     running--
     if (running === 0) for (const resume of waiting.splice(0)) resume()
   }
+  let armed: Prefix | undefined
   const standIn = {
     query: (...args: Array<unknown>) => {
       const last = args.length - 1
       const callback = args[last]
       if (typeof callback !== "function") return real.query(...args)
       running++
+      // node-postgres can answer a query twice (an error while binding its values, then ReadyForQuery).
+      let answered = false
       args[last] = (...results: Array<unknown>) => {
+        if (answered) return
+        answered = true
         ended()
         return (callback as (...results: Array<unknown>) => unknown)(...results)
       }
-      return real.query(...args)
+      const prefix = armed
+      armed = undefined
+      const text = prefix === undefined ? undefined : textOf(args[0])
+      if (text === undefined || !text.startsWith(prefix!.text)) return real.query(...args)
+      return sendCarried(real, prefix!, text.slice(prefix!.text.length), args)
     }
   }
   takenOver.set(standIn, real)
@@ -156,8 +179,89 @@ const takeOver = (conn: Connection): InFlight | undefined => {
         const index = waiting.indexOf(listener)
         if (index >= 0) waiting.splice(index, 1)
       }
+    },
+    carry: (statements, sql) => {
+      const prefix: Prefix = { text: `${statements.join("; ")}; `, statements, completed: 0 }
+      armed = prefix
+      return { sql: prefix.text + sql, completed: () => prefix.completed }
     }
   }
+}
+
+interface PgQueryClient extends PgLikeClient {
+  readonly query: (...args: Array<unknown>) => unknown
+}
+
+/** Control statements armed to travel ahead of the statement whose text starts with `text`. */
+interface Prefix {
+  readonly text: string
+  readonly statements: ReadonlyArray<string>
+  completed: number
+}
+
+/** The text of a query as `client.query` is given it: a string, or a config object (not a submittable). */
+const textOf = (query: unknown): string | undefined => {
+  if (typeof query === "string") return query
+  if (!Predicate.isObject(query) || typeof (query as { submit?: unknown }).submit === "function") return undefined
+  const text = (query as { text?: unknown }).text
+  return typeof text === "string" ? text : undefined
+}
+
+/** The parts of node-postgres' Query that `sendCarried` changes. */
+interface PgQuery {
+  values: unknown
+  queryMode: unknown
+  prepare: (connection: PgWire) => void
+  handleCommandComplete: (message: unknown, connection: PgWire) => void
+}
+
+interface PgWire {
+  readonly parse: (message: { readonly text: string }) => void
+  readonly bind: (message: object) => void
+  readonly execute: (message: object) => void
+}
+
+/**
+ * Sends `prefix`'s statements and then the query `args` describe (its text being `text`), in one round trip when
+ * the query is one statement: the extended protocol lets Parse/Bind/Execute of each control statement go ahead of
+ * the query's own messages with a single Sync at the end, and after an error PostgreSQL skips every message until
+ * that Sync, so nothing after a failed control statement runs. The answers to the control statements are counted
+ * and kept from the query's result. A text of several statements (which the extended protocol refuses) waits for
+ * the control statements' answer and is sent only if they all succeeded: two round trips.
+ */
+const sendCarried = (real: PgQueryClient, prefix: Prefix, text: string, args: Array<unknown>): unknown => {
+  const callback = args[args.length - 1] as (error: unknown, result?: unknown) => void
+  const first = args[0]
+  const config = typeof first === "string" ? { text } : { ...(first as object), text }
+  const values = args.length > 2 ? args[1] : undefined
+  const Query = (real.constructor as { readonly Query?: new (...args: Array<unknown>) => PgQuery }).Query
+  const given = values ?? (config as { readonly values?: unknown }).values
+  const hasValues = Array.isArray(given) && given.length > 0
+  if (Query !== undefined && (hasValues || splitStatements(text).length === 1)) {
+    const query = new Query(config, values, callback)
+    // Without values node-postgres would use the simple protocol, which cannot follow messages awaiting a Sync.
+    if (!Array.isArray(query.values) || query.values.length === 0) query.queryMode = "extended"
+    const prepare = query.prepare
+    query.prepare = function (connection) {
+      for (const statement of prefix.statements) {
+        connection.parse({ text: statement })
+        connection.bind({})
+        connection.execute({})
+      }
+      return prepare.call(this, connection)
+    }
+    const complete = query.handleCommandComplete
+    query.handleCommandComplete = function (message, connection) {
+      if (prefix.completed < prefix.statements.length) prefix.completed++
+      else complete.call(this, message, connection)
+    }
+    return real.query(query)
+  }
+  return real.query(prefix.statements.join("; "), (error: unknown) => {
+    if (error !== null && error !== undefined) return callback(error)
+    prefix.completed = prefix.statements.length
+    return args.length > 2 ? real.query(config, values, callback) : real.query(config, callback)
+  })
 }
 
 /** PostgreSQL, through `@effect/sql-pg` (node-postgres). */
@@ -170,15 +274,16 @@ export const postgres: Dialect = {
     if (isolation !== undefined) sql += ` ISOLATION LEVEL ${isolation.toUpperCase()}`
     if (readOnly !== undefined) sql += readOnly ? " READ ONLY" : " READ WRITE"
     if (deferrable !== undefined) sql += deferrable ? " DEFERRABLE" : " NOT DEFERRABLE"
+    const statements = [sql]
     const timeouts: ReadonlyArray<readonly [string, number | undefined]> = [
       ["statement_timeout", characteristics.statementTimeoutMillis],
       ["lock_timeout", characteristics.lockTimeoutMillis],
       ["idle_in_transaction_session_timeout", characteristics.idleTimeoutMillis]
     ]
     for (const [name, millis] of timeouts) {
-      if (millis !== undefined) sql += `; SET LOCAL ${name} = ${Math.max(1, Math.ceil(millis))}`
+      if (millis !== undefined) statements.push(`SET LOCAL ${name} = ${Math.max(1, Math.ceil(millis))}`)
     }
-    return sql
+    return statements
   },
   savepoint: (name) => `SAVEPOINT ${name}`,
   release: (name) => `RELEASE SAVEPOINT ${name}`,

@@ -139,6 +139,11 @@ const makeHandle = (
           block.open = false
           block.abandoned = true
         }
+        if (frame.opening !== undefined) {
+          // Never sent: nothing ran in it or in the blocks inside it.
+          frame.hooks = []
+          return frame.openFailed === undefined ? Effect.void : Effect.fail(frame.openFailed)
+        }
         // A release still pending belongs to a deeper savepoint, which rolling back destroys.
         tx.pendingRelease = undefined
         return Effect.matchCauseEffect(run(tx.conn, tx.dialect.rewind(frame.savepoint!)), {

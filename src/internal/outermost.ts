@@ -14,6 +14,7 @@ import * as Duration from "effect/Duration"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
 import * as Option from "effect/Option"
+import * as Runtime from "effect/Runtime"
 import * as Schedule from "effect/Schedule"
 import * as Scope from "effect/Scope"
 import type * as Transaction from "../Transaction.js"
@@ -106,6 +107,11 @@ export const finishOutermost = <A, E>(
     frame.open = false
     tx.stack.length = 0
     tx.pendingRelease = undefined
+    if (frame.opening !== undefined) {
+      // BEGIN was never sent (the body ran no statement), or it failed: there is nothing to end.
+      tx.outcome = frame.openFailed === undefined && Exit.isSuccess(exit) ? "committed" : "rolledBack"
+      return frame.openFailed === undefined ? exit : Effect.fail(frame.openFailed)
+    }
     if (Exit.isFailure(exit)) return rollback(exit.cause)
     if (frame.aborted) return rollback(Cause.fail(abortedError(frame)))
     if (limit !== undefined && limit.deadline - Date.now() <= 0) {
@@ -195,16 +201,28 @@ const reserveConnection = (
   // The `timeout` option bounds the wait for a connection too.
   const byDeadline = remaining !== undefined && (acquireMillis === undefined || remaining < acquireMillis)
   const millis = byDeadline ? remaining : acquireMillis
-  return Effect.flatMap(Effect.forkDaemon(Scope.extend(client.reserve, scope)), (waiting) =>
-    Effect.matchCauseEffect(
+  const failed = (cause: Cause.Cause<unknown>): Effect.Effect<never, TransactionError> =>
+    Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause)))
+  return Effect.withFiberRuntime((fiber) => {
+    // Started at once, with the caller's services: a pooled connection that is free now is reserved before this
+    // returns, and costs no wait for another fiber.
+    const waiting = Runtime.runFork(
+      Runtime.make({
+        context: fiber.currentContext,
+        fiberRefs: fiber.getFiberRefs(),
+        runtimeFlags: Runtime.defaultRuntimeFlags
+      })
+    )(Scope.extend(client.reserve, scope))
+    const done = waiting.unsafePoll()
+    if (done !== null) return Exit.isSuccess(done) ? Effect.succeed(done.value) : failed(done.cause)
+    return Effect.matchCauseEffect(
       restore(
         millis === undefined
           ? Effect.asSome(Fiber.join(waiting))
           : Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))
       ),
       {
-        onFailure: (cause): Effect.Effect<never, TransactionError> =>
-          Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause))),
+        onFailure: failed,
         onSuccess: Option.match({
           onNone: () =>
             Effect.fail(
@@ -216,10 +234,10 @@ const reserveConnection = (
         })
       }
     )
-  )
+  })
 }
 
-/** Reserves a connection into `scope` and opens the outermost block on it. */
+/** Reserves a connection into `scope` and opens the outermost block on it; BEGIN travels with its first statement. */
 /** @internal */
 export const open = (
   client: SqlClient.SqlClient,
@@ -244,26 +262,10 @@ export const open = (
     const tx = makeTx(client, conn, dialect, characteristics, mode)
     // A connection the engine reserved: its statements' cancels are the engine's, not the driver's.
     tx.owned.takeOver()
-    const frame = new Frame(tx, undefined, 0, undefined)
+    const frame = new Frame(tx, undefined, 0, undefined, dialect.begin(characteristics))
     frame.deadlockTimeoutMillis = deadlockTimeoutMillisOf(options)
-    return Effect.matchCauseEffect(run(conn, dialect.begin(characteristics)), {
-      onFailure: (cause) => {
-        frame.open = false
-        return Effect.zipRight(
-          dialect.destroy(conn),
-          controlError(
-            "BeginFailed",
-            dialect.begin(characteristics),
-            "No transaction was opened and the connection was closed.",
-            Cause.squash(cause)
-          )
-        )
-      },
-      onSuccess: () => {
-        tx.stack.push(frame)
-        return Effect.succeed(frame)
-      }
-    })
+    tx.stack.push(frame)
+    return Effect.succeed(frame)
   })
 }
 
