@@ -340,6 +340,24 @@ describe("TestTransaction.isolate", () => {
       })
     )
 
+    it.effect(
+      "a test's own statement while the test holds a Transaction.begin handle open runs, as in production",
+      () =>
+        Effect.gen(function* () {
+          yield* schema
+          const seen = yield* Effect.gen(function* () {
+            const handle = yield* Transaction.begin()
+            yield* handle.run(insert(1))
+            // Production would run it on another pooled connection; here it runs in the open block.
+            yield* insert(2)
+            yield* handle.commit
+            return yield* visibleIds
+          }).pipe(Effect.scoped, TestTransaction.isolate)
+          assert.deepStrictEqual(seen, [1, 2])
+          assert.deepStrictEqual(yield* committedIds, [])
+        })
+    )
+
     it.effect("without a SqlClient, isolate dies with a message naming the fix", () =>
       Effect.gen(function* () {
         const unprovided = TestTransaction.isolate(Effect.void) as Effect.Effect<void, unknown, never>

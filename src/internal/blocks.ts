@@ -623,13 +623,15 @@ const unlessSelfBlocking = <A, E, R>(
   frame: Frame,
   what: string,
   onError: (error: TransactionError) => E,
-  effect: Effect.Effect<A, E, R>
+  effect: Effect.Effect<A, E, R>,
+  /** Whether the claim waits for blocks nested deeper to end (a test's own statement does not). */
+  waitsForBlocks = true
 ): Effect.Effect<A, E, R> =>
-  (innermost(frame.tx) === frame || frame.tx.stack.length === 0) && !frame.tx.owned.streaming
+  (!waitsForBlocks || innermost(frame.tx) === frame || frame.tx.stack.length === 0) && !frame.tx.owned.streaming
     ? effect
     : Effect.withFiberRuntime((fiber) => {
         if (frame.tx.owned.heldByStreamOf(fiber.id())) return Effect.fail(onError(streamDeadlockError(frame, what)))
-        const holder = selfBlocking(frame, fiber.id())
+        const holder = waitsForBlocks ? selfBlocking(frame, fiber.id()) : undefined
         return holder === undefined ? effect : Effect.fail(onError(wouldDeadlockError(frame, what, holder)))
       })
 
@@ -658,7 +660,8 @@ const guarded = <A>(
           access === "granted" && frame.open
             ? runAtomic(frame, sql, () => run(sql), restore)
             : Effect.fail(access === "stuck" ? stuckStatementError(frame) : closedError(frame))
-        )
+        ),
+        false
       )
     }
     return unlessSelfBlocking(
@@ -690,7 +693,7 @@ const holdForStream = (
   const hold = tx.owned.hold(frame.test ? { frame, kind: "test" } : frame.statementClaim, restore, (access) =>
     access === "stuck" ? stuckStatementError(frame) : closedError(frame)
   )
-  return Effect.flatMap(unlessSelfBlocking(frame, "A stream", asSqlError, hold), () => {
+  return Effect.flatMap(unlessSelfBlocking(frame, "A stream", asSqlError, hold, !frame.test), () => {
     if (!frame.open) return Effect.fail(closedError(frame))
     let done = false
     const name = frame.test ? `etx_${++tx.savepoints}` : undefined
