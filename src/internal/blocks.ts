@@ -16,10 +16,11 @@ import * as Exit from "effect/Exit"
 import type * as FiberId from "effect/FiberId"
 import type * as Scope from "effect/Scope"
 import * as Stream from "effect/Stream"
+import * as Tracer from "effect/Tracer"
 import type * as Transaction from "../Transaction.js"
 import { databaseInfo, TransactionError } from "../TransactionError.js"
 import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
-import { Owned, type Policy } from "./connection.js"
+import { Owned, type Policy, type Prepared } from "./connection.js"
 import type { Hook } from "./hooks.js"
 import { deadlockTimeoutMillisOf } from "./options.js"
 
@@ -60,20 +61,25 @@ interface Claim {
  * A statement may run only in the innermost open block, and never once its block has closed; one kept out by a
  * block nested deeper for longer than its transaction's `deadlockTimeout` gives up (`WouldDeadlock`).
  */
-const blockPolicy = (stack: ReadonlyArray<Frame>): Policy<Claim> => ({
-  mayUse: (claim) => claim.kind !== "statement" || stack[stack.length - 1] === claim.frame,
-  refused: (claim) => claim.kind === "statement" && !claim.frame.open,
-  keptOutBy: (claim) => {
-    const top = stack[stack.length - 1]
+class BlockPolicy implements Policy<Claim> {
+  constructor(private readonly stack: ReadonlyArray<Frame>) {}
+  mayUse(claim: Claim) {
+    return claim.kind !== "statement" || this.stack[this.stack.length - 1] === claim.frame
+  }
+  refused(claim: Claim) {
+    return claim.kind === "statement" && !claim.frame.open
+  }
+  keptOutBy(claim: Claim) {
+    const top = this.stack[this.stack.length - 1]
     return claim.kind !== "statement" || top === claim.frame ? undefined : top
-  },
+  }
   // The end of a block never gives up: it must run, and nothing it waits for can wait for it.
-  stuckAfterMillis: (claim) => {
+  stuckAfterMillis(claim: Claim) {
     if (claim.kind === "end") return undefined
     const millis = claim.deadlockTimeoutMillis ?? deadlockTimeoutOf(claim.frame)
     return Number.isFinite(millis) ? millis : undefined
   }
-})
+}
 
 /** How long a statement or nested block waits, by default, while a block another fiber opened holds the connection. */
 const DEFAULT_DEADLOCK_TIMEOUT_MILLIS = 60_000
@@ -111,6 +117,8 @@ export interface Tx {
   outcome: "committed" | "rolledBack" | "unknown" | undefined
   /** Why the transaction ended behind the engine's back (a test's, ended by a statement of the code), if it did. */
   lost: string | undefined
+  /** The transaction's `sql.transaction` span, when spans are on: its events are recorded there. */
+  span: Tracer.Span | undefined
 }
 
 /**
@@ -183,12 +191,13 @@ export const makeTx = (
     dialect,
     characteristics,
     stack,
-    owned: new Owned(conn, dialect, blockPolicy(stack)),
+    owned: new Owned(conn, dialect, new BlockPolicy(stack)),
     savepoints: 0,
     pendingRelease: undefined,
     mode,
     outcome: undefined,
-    lost: undefined
+    lost: undefined,
+    span: undefined
   }
 }
 
@@ -242,7 +251,7 @@ export class Frame implements Transaction.Transaction {
      */
     public opening: ReadonlyArray<string> | undefined
   ) {
-    this.connection = guardConnection(this)
+    this.connection = new GuardedConnection(this)
   }
 
   /**
@@ -322,13 +331,15 @@ export const held: Restore = (effect) => effect
 type Restore = <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
 
 /** Marks the block aborted; the first statement that did it is kept for the error its end reports. */
+const abort = (frame: Frame, sql?: string, cause?: Cause.Cause<unknown>): void => {
+  frame.aborted = true
+  if (sql !== undefined && frame.abortedBy === undefined && cause !== undefined && !Cause.isInterruptedOnly(cause)) {
+    frame.abortedBy = { sql, error: Cause.squash(cause) }
+  }
+}
+
 const markAborted = (frame: Frame, sql?: string, cause?: Cause.Cause<unknown>) =>
-  Effect.sync(() => {
-    frame.aborted = true
-    if (sql !== undefined && frame.abortedBy === undefined && cause !== undefined && !Cause.isInterruptedOnly(cause)) {
-      frame.abortedBy = { sql, error: Cause.squash(cause) }
-    }
-  })
+  Effect.sync(() => abort(frame, sql, cause))
 
 /**
  * What must precede the next statement on the connection: a deferred RELEASE, then the opening statements of the
@@ -475,6 +486,45 @@ const runWithPending = <A>(
       }
     })
   })
+
+/**
+ * A statement of the innermost block on a connection the engine took over, with what is pending carried ahead of
+ * it, and the bookkeeping of its end: `runHeld` for `Owned.executeNow`.
+ */
+const prepareStatement = <A>(
+  frame: Frame,
+  sql: string,
+  run: (sql: string) => Effect.Effect<A, SqlError>
+): Prepared<A> => {
+  const tx = frame.tx
+  const pending = frame.opening === undefined && tx.pendingRelease === undefined ? undefined : pendingOf(tx)
+  if (pending === undefined) return { statement: run(sql), ended: (exit) => abortedBy(frame, sql, exit) }
+  if (pending instanceof TransactionError) {
+    return { statement: Effect.fail(unopenedError(pending)), ended: (exit) => abortedBy(frame, sql, exit) }
+  }
+  const carried = tx.owned.carry(pending.statements, sql)!
+  return {
+    statement: run(carried.sql),
+    ended: (exit) => {
+      if (Exit.isSuccess(exit)) {
+        settlePending(tx, pending, pending.statements.length)
+        return exit
+      }
+      const failed = settlePending(tx, pending, carried.completed(), exit.cause)
+      return abortedBy(
+        frame,
+        sql,
+        failed === undefined || Cause.isInterrupted(exit.cause) ? exit : Exit.fail(unopenedError(failed))
+      )
+    }
+  }
+}
+
+/** `exit`, having aborted the block if it is a failure. */
+const abortedBy = <A, E>(frame: Frame, sql: string, exit: Exit.Exit<A, E>): Exit.Exit<A, E> => {
+  if (Exit.isFailure(exit)) abort(frame, sql, exit.cause)
+  return exit
+}
 
 /** Runs a statement of `frame`, holding the connection; a failed or interrupted one aborts the block. */
 const runHeld = <A>(
@@ -664,6 +714,11 @@ const guarded = <A>(
         false
       )
     }
+    // The common case: the block is innermost and the connection is free.
+    if (tx.mode.verify === undefined && innermost(tx) === frame && !tx.owned.streaming) {
+      const now = tx.owned.executeNow(frame.statementClaim, restore, () => prepareStatement(frame, sql, run))
+      if (now !== undefined) return now
+    }
     return unlessSelfBlocking(
       frame,
       "A statement",
@@ -724,42 +779,66 @@ const holdForStream = (
   })
 }
 
-const guardConnection = (frame: Frame): Connection => {
-  const conn = frame.tx.conn
-  return {
-    execute: (sql, params, transformRows) => guarded(frame, sql, (text) => conn.execute(text, params, transformRows)),
-    executeRaw: (sql, params) => guarded(frame, sql, (text) => conn.executeRaw(text, params)),
-    executeValues: (sql, params) => guarded(frame, sql, (text) => conn.executeValues(text, params)),
-    executeUnprepared: (sql, params, transformRows) =>
-      guarded(frame, sql, (text) => conn.executeUnprepared(text, params, transformRows)),
-    // A stream holds the connection until it has ended.
-    executeStream: (sql, params, transformRows) =>
-      Stream.suspend(() => {
-        let started = false
-        const rows = Stream.suspend(() => {
-          started = true
-          const stream = conn.executeStream(sql, params, transformRows)
-          return frame.test ? stream : Stream.tapErrorCause(stream, (cause) => markAborted(frame, sql, cause))
-        })
-        return Stream.unwrapScoped(
-          Effect.uninterruptibleMask((restore) =>
-            Effect.map(
-              holdForStream(frame, sql, () => started, restore),
-              (finish) => Stream.ensuringWith(rows, finish)
-            )
+/** The connection the statements of a block see: each runs through `guarded`. */
+class GuardedConnection implements Connection {
+  constructor(private readonly frame: Frame) {}
+  execute(sql: string, params: ReadonlyArray<unknown>, transformRows: TransformRows) {
+    const conn = this.frame.tx.conn
+    return guarded(this.frame, sql, (text) => conn.execute(text, params, transformRows))
+  }
+  executeRaw(sql: string, params: ReadonlyArray<unknown>) {
+    const conn = this.frame.tx.conn
+    return guarded(this.frame, sql, (text) => conn.executeRaw(text, params))
+  }
+  executeValues(sql: string, params: ReadonlyArray<unknown>) {
+    const conn = this.frame.tx.conn
+    return guarded(this.frame, sql, (text) => conn.executeValues(text, params))
+  }
+  executeUnprepared(sql: string, params: ReadonlyArray<unknown>, transformRows: TransformRows) {
+    const conn = this.frame.tx.conn
+    return guarded(this.frame, sql, (text) => conn.executeUnprepared(text, params, transformRows))
+  }
+  // A stream holds the connection until it has ended.
+  executeStream(sql: string, params: ReadonlyArray<unknown>, transformRows: TransformRows) {
+    const frame = this.frame
+    const conn = frame.tx.conn
+    return Stream.suspend(() => {
+      let started = false
+      const rows = Stream.suspend(() => {
+        started = true
+        const stream = conn.executeStream(sql, params, transformRows)
+        return frame.test ? stream : Stream.tapErrorCause(stream, (cause) => markAborted(frame, sql, cause))
+      })
+      return Stream.unwrapScoped(
+        Effect.uninterruptibleMask((restore) =>
+          Effect.map(
+            holdForStream(frame, sql, () => started, restore),
+            (finish) => Stream.ensuringWith(rows, finish)
           )
         )
-      })
+      )
+    })
   }
 }
 
-/** @internal */
-export const provideFrame = <A, E, R>(effect: Effect.Effect<A, E, R>, frame: Frame): Effect.Effect<A, E, R> =>
+type TransformRows = (<A extends object>(row: ReadonlyArray<A>) => ReadonlyArray<A>) | undefined
+
+/**
+ * Runs `effect` in `frame`, and under `span` when the block has one: one copy of the context for all of them, as
+ * each service added on its own would cost a copy of its own.
+ *
+ * @internal
+ */
+export const provideFrame = <A, E, R>(
+  effect: Effect.Effect<A, E, R>,
+  frame: Frame,
+  span?: Tracer.Span
+): Effect.Effect<A, E, R> =>
   Effect.mapInputContext(effect, (context: Context.Context<R>) => {
-    // One copy of the context instead of one per added service.
     const services = new Map(context.unsafeMap)
     services.set(Current.key, frame)
     services.set(SqlClient.TransactionConnection.key, [frame.connection, frame.level])
+    if (span !== undefined) services.set(Tracer.ParentSpan.key, span)
     return Context.unsafeMake(services)
   })
 
@@ -1016,13 +1095,15 @@ export const openNested = (
   )
 }
 
+/** Runs `effect` in a block nested in `parent`, under `span` when spans are on. */
 export const nested = <A, E, R>(
   parent: Frame,
   effect: Effect.Effect<A, E, R>,
-  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+  restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+  span?: Tracer.Span
 ): Effect.Effect<A, E | TransactionError, R> =>
   Effect.flatMap(openNested(parent, restore), (frame) =>
-    Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame))), (exit) => finishNested(frame, exit))
+    Effect.flatMap(Effect.exit(restore(provideFrame(effect, frame, span))), (exit) => finishNested(frame, exit))
   )
 
 /**

@@ -41,6 +41,12 @@ export interface Policy<C> {
 /** The longest delay a timer takes; a longer wait is checked again when it fires. */
 const MAX_TIMER_MILLIS = 2_147_483_647
 
+/** A statement ready to run, and what its end changes (holding the connection) before the caller sees it. */
+export interface Prepared<A> {
+  readonly statement: Effect.Effect<A, SqlError>
+  readonly ended: (exit: Exit.Exit<A, SqlError>) => Exit.Exit<A, SqlError>
+}
+
 /** How a claim's wait for the connection ended: it holds the connection, it never can, or it waited too long. */
 export type Access = "granted" | "refused" | "stuck"
 
@@ -258,6 +264,40 @@ export class Owned<C> {
       if (done !== null) return done
       const joined = deadline === undefined ? Effect.flatten(Fiber.await(fiber)) : this.joinBefore(fiber, deadline)
       return Effect.onInterrupt(restore(joined), () => this.stop(fiber))
+    })
+  }
+
+  /**
+   * `withConnection` and `execute` in one step, for the common case: when `claim` may take the connection now and
+   * the engine took it over, takes it, runs the statement `prepare` gives, passes its end through `ended` and gives
+   * the connection back, however the statement ended (an interrupted one is stopped first). Undefined, with nothing
+   * taken, when it cannot: wait with `withConnection`.
+   */
+  executeNow<A>(claim: C, restore: Restore, prepare: () => Prepared<A>): Effect.Effect<A, SqlError> | undefined {
+    const inFlight = this.inFlight
+    if (inFlight === undefined || !this.tryTake(claim)) return undefined
+    let prepared: Prepared<A>
+    try {
+      prepared = prepare()
+    } catch (defect) {
+      this.release()
+      return Effect.die(defect)
+    }
+    const end = (exit: Exit.Exit<A, SqlError>) => {
+      try {
+        return prepared.ended(exit)
+      } finally {
+        this.release()
+      }
+    }
+    return Effect.matchCauseEffect(restore(prepared.statement), {
+      onFailure: (cause) =>
+        Cause.isInterrupted(cause)
+          ? Effect.flatMap(Effect.exit(this.stopInFlight(inFlight)), (stopped) =>
+              end(Exit.failCause(Exit.isFailure(stopped) ? Cause.sequential(cause, stopped.cause) : cause))
+            )
+          : end(Exit.failCause(cause)),
+      onSuccess: (value) => end(Exit.succeed(value))
     })
   }
 

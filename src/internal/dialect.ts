@@ -128,14 +128,40 @@ const takenOver = new WeakMap<object, PgLikeClient>()
  * connection, and can stay queued and land on another transaction's statement). The engine cancels instead, out
  * of band, and the stand-in tells it whether a query is still in flight. The stand-in also sends the control
  * statements the engine asks to `carry` in the same round trip as the statement they precede (`sendCarried`).
+ * A pooled client keeps its stand-in from one reservation to the next.
  */
 const takeOver = (conn: Connection): InFlight | undefined => {
   const holder = conn as { pg?: unknown }
   const client = pgClientOf(conn)
-  if (client === undefined || holder.pg !== client || typeof (client as { query?: unknown }).query !== "function") {
+  if (client === undefined || typeof (client as { query?: unknown }).query !== "function") return undefined
+  let made = standIns.get(client)
+  if (made === undefined) {
+    if (holder.pg !== client) return undefined
+    made = makeStandIn(client as PgQueryClient)
+    standIns.set(client, made)
+  } else if (holder.pg !== client && holder.pg !== made.standIn) {
     return undefined
   }
-  const real = client as PgQueryClient
+  made.disarm()
+  try {
+    holder.pg = made.standIn
+  } catch {
+    return undefined
+  }
+  return holder.pg === made.standIn ? made.inFlight : undefined
+}
+
+/** The stand-in made for each pooled node-postgres client, the first time a connection of it was taken over. */
+const standIns = new WeakMap<object, StandIn>()
+
+interface StandIn {
+  readonly standIn: object
+  readonly inFlight: InFlight
+  /** Forgets control statements armed for a statement that never reached the driver. */
+  readonly disarm: () => void
+}
+
+const makeStandIn = (real: PgQueryClient): StandIn => {
   let running = 0
   const waiting: Array<() => void> = []
   const ended = () => {
@@ -165,25 +191,25 @@ const takeOver = (conn: Connection): InFlight | undefined => {
     }
   }
   takenOver.set(standIn, real)
-  try {
-    holder.pg = standIn
-  } catch {
-    return undefined
-  }
-  if (holder.pg !== standIn) return undefined
   return {
-    running: () => running > 0,
-    onEnded: (listener) => {
-      waiting.push(listener)
-      return () => {
-        const index = waiting.indexOf(listener)
-        if (index >= 0) waiting.splice(index, 1)
-      }
+    standIn,
+    disarm: () => {
+      armed = undefined
     },
-    carry: (statements, sql) => {
-      const prefix: Prefix = { text: `${statements.join("; ")}; `, statements, completed: 0 }
-      armed = prefix
-      return { sql: prefix.text + sql, completed: () => prefix.completed }
+    inFlight: {
+      running: () => running > 0,
+      onEnded: (listener) => {
+        waiting.push(listener)
+        return () => {
+          const index = waiting.indexOf(listener)
+          if (index >= 0) waiting.splice(index, 1)
+        }
+      },
+      carry: (statements, sql) => {
+        const prefix: Prefix = { text: `${statements.join("; ")}; `, statements, completed: 0 }
+        armed = prefix
+        return { sql: prefix.text + sql, completed: () => prefix.completed }
+      }
     }
   }
 }
@@ -264,12 +290,24 @@ const sendCarried = (real: PgQueryClient, prefix: Prefix, text: string, args: Ar
   })
 }
 
+const plainBegin: ReadonlyArray<string> = ["BEGIN"]
+
 /** PostgreSQL, through `@effect/sql-pg` (node-postgres). */
 export const postgres: Dialect = {
   name: "postgresql",
   // The timeouts travel in the same round trip as BEGIN.
   begin: (characteristics) => {
     const { deferrable, isolation, readOnly } = characteristics
+    if (
+      isolation === undefined &&
+      readOnly === undefined &&
+      deferrable === undefined &&
+      characteristics.statementTimeoutMillis === undefined &&
+      characteristics.lockTimeoutMillis === undefined &&
+      characteristics.idleTimeoutMillis === undefined
+    ) {
+      return plainBegin
+    }
     let sql = "BEGIN"
     if (isolation !== undefined) sql += ` ISOLATION LEVEL ${isolation.toUpperCase()}`
     if (readOnly !== undefined) sql += readOnly ? " READ ONLY" : " READ WRITE"

@@ -136,7 +136,7 @@ const runHooks = (frame: Frame, outcome: Tx["outcome"]): Effect.Effect<void> => 
       Effect.forEach(
         due,
         (hook, index) =>
-          Effect.catchAllCause(Effect.tapErrorCause(bound(hook), observeHookFailure(kind, index)), (cause) =>
+          Effect.catchAllCause(Effect.tapErrorCause(bound(hook), observeHookFailure(tx, kind, index)), (cause) =>
             Effect.catchAllCause(
               handler({
                 kind,

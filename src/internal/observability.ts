@@ -21,7 +21,7 @@ import * as Redacted from "effect/Redacted"
 import * as Tracer from "effect/Tracer"
 import type * as Transaction from "../Transaction.js"
 import { classify, databaseInfo, TransactionError } from "../TransactionError.js"
-import type { Frame } from "./blocks.js"
+import type { Frame, Tx } from "./blocks.js"
 import type { Dialect } from "./dialect.js"
 
 /** @internal */
@@ -68,18 +68,29 @@ export const metrics = {
 
 type Outcome = "committed" | "rolled_back" | "unknown"
 
-/** Tag sets, made once: updating a metric with them allocates nothing. */
-const labelCache = new Map<string, ReadonlyArray<MetricLabel.MetricLabel>>()
+/** Tag sets, made once per distinct set (a tree of maps keyed by each value in turn): updating a metric with them
+ * allocates nothing, and the metric finds its hook for the set by identity. */
+interface LabelNode {
+  labels: ReadonlyArray<MetricLabel.MetricLabel> | undefined
+  readonly next: Map<string, LabelNode>
+}
+const labelTree: LabelNode = { labels: [], next: new Map() }
 const labels = (...pairs: ReadonlyArray<string>): ReadonlyArray<MetricLabel.MetricLabel> => {
-  const key = pairs.join("\u0000")
-  let found = labelCache.get(key)
-  if (found === undefined) {
-    found = []
-    for (let i = 0; i < pairs.length; i += 2)
-      (found as Array<MetricLabel.MetricLabel>).push(MetricLabel.make(pairs[i]!, pairs[i + 1]!))
-    labelCache.set(key, found)
+  let node = labelTree
+  for (const part of pairs) {
+    let next = node.next.get(part)
+    if (next === undefined) {
+      next = { labels: undefined, next: new Map() }
+      node.next.set(part, next)
+    }
+    node = next
   }
-  return found
+  if (node.labels === undefined) {
+    const made: Array<MetricLabel.MetricLabel> = []
+    for (let i = 0; i < pairs.length; i += 2) made.push(MetricLabel.make(pairs[i]!, pairs[i + 1]!))
+    node.labels = made
+  }
+  return node.labels
 }
 const noLabels: ReadonlyArray<MetricLabel.MetricLabel> = []
 
@@ -183,8 +194,8 @@ export const observeOutermost = <A, E, R>(
         active++
         metrics.active.unsafeUpdate(active, noLabels)
       }
-      const body = Effect.onExit(run(observation), (exit) => finish(observation, exit))
-      return span === undefined ? body : Effect.withParentSpan(body, span)
+      // The span becomes the parent of the transaction's work where the block's services are provided.
+      return Effect.onExit(run(observation), (exit) => finish(observation, exit))
     }
     if (!enabled.spans) return observed(undefined)
     return Effect.useSpan("sql.transaction", { kind: "client", captureStackTrace: false }, (span) => {
@@ -197,15 +208,21 @@ export const observeOutermost = <A, E, R>(
     })
   })
 
-/** Runs a nested block in a `sql.transaction` span of its own, under its caller's span, when spans are on. */
-export const observeNested = <A, E, R>(block: Effect.Effect<A, E, R>, parent: Frame): Effect.Effect<A, E, R> =>
+/**
+ * Runs a nested block in a `sql.transaction` span of its own, under its caller's span, when spans are on; `block`
+ * provides the span to the block's work with the block's services.
+ */
+export const observeNested = <A, E, R>(
+  block: (span: Tracer.Span | undefined) => Effect.Effect<A, E, R>,
+  parent: Frame
+): Effect.Effect<A, E, R> =>
   Effect.withFiberRuntime((fiber) => {
-    if (!fiber.getFiberRef(FiberRef.currentTracerEnabled)) return block
+    if (!fiber.getFiberRef(FiberRef.currentTracerEnabled)) return block(undefined)
     return Effect.useSpan("sql.transaction", { kind: "client", captureStackTrace: false }, (span) => {
       span.attribute("db.system.name", parent.tx.dialect.name)
       span.attribute("effect_transaction.depth", parent.depth + 1)
       span.event("db.transaction.savepoint", nanos())
-      return Effect.onExit(Effect.withParentSpan(block, span), (exit) =>
+      return Effect.onExit(block(span), (exit) =>
         Effect.sync(() => {
           if (Exit.isFailure(exit)) {
             span.event("db.transaction.rollback_to_savepoint", nanos(), {
@@ -230,46 +247,43 @@ export const observeRetry = (observation: Observation | undefined, reason: strin
   if (observation.metrics) metrics.retries.unsafeUpdate(1, labels("reason", reason))
 }
 
-/** Records a failed COMMIT. */
-export const observeCommitFailure = (error: unknown): Effect.Effect<void> =>
-  Effect.withFiberRuntime((fiber) => {
-    const reason = error instanceof TransactionError ? error.reason : classify(error).reason
-    if (Context.get(fiber.currentContext, MetricsEnabled))
-      metrics.commitFailures.unsafeUpdate(1, labels("reason", reason))
-    if (fiber.getFiberRef(FiberRef.currentTracerEnabled)) {
-      const span = Context.getOption(fiber.currentContext, Tracer.ParentSpan)
-      if (span._tag === "Some" && span.value._tag === "Span") {
-        span.value.event("db.transaction.commit_failed", nanos(), { "effect_transaction.error.reason": reason })
-      }
-    }
-    return Effect.void
-  })
+/** The span to record an event of `tx` on: its own, or, where it has none, the fiber's current one. */
+const spanOf = (fiber: Fiber.RuntimeFiber<unknown, unknown>, tx: Tx): Tracer.Span | undefined => {
+  if (tx.span !== undefined) return tx.span
+  if (!fiber.getFiberRef(FiberRef.currentTracerEnabled)) return undefined
+  const span = Context.getOption(fiber.currentContext, Tracer.ParentSpan)
+  return span._tag === "Some" && span.value._tag === "Span" ? span.value : undefined
+}
 
-/** Times the wait for a pooled connection. */
-export const observeConnectionWait = <A, E, R>(reserve: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
-  Effect.withFiberRuntime((fiber) => {
-    if (!Context.get(fiber.currentContext, MetricsEnabled)) return reserve
-    const started = performance.now()
-    return Effect.onExit(reserve, () =>
-      Effect.sync(() => metrics.connectionWait.unsafeUpdate((performance.now() - started) / 1000, noLabels))
-    )
-  })
+/** Records a failed COMMIT of `tx`. */
+export const observeCommitFailure =
+  (tx: Tx) =>
+  (error: unknown): Effect.Effect<void> =>
+    Effect.withFiberRuntime((fiber) => {
+      const reason = error instanceof TransactionError ? error.reason : classify(error).reason
+      if (Context.get(fiber.currentContext, MetricsEnabled))
+        metrics.commitFailures.unsafeUpdate(1, labels("reason", reason))
+      spanOf(fiber, tx)?.event("db.transaction.commit_failed", nanos(), { "effect_transaction.error.reason": reason })
+      return Effect.void
+    })
 
-/** Records a hook that failed, on the transaction's span and in the metrics. */
+/** Starts timing a wait for a pooled connection: call what it returns when the wait has ended, however it ended. */
+export const connectionWait = (fiber: Fiber.RuntimeFiber<unknown, unknown>): (() => void) | undefined => {
+  if (!Context.get(fiber.currentContext, MetricsEnabled)) return undefined
+  const started = performance.now()
+  return () => metrics.connectionWait.unsafeUpdate((performance.now() - started) / 1000, noLabels)
+}
+
+/** Records a hook of `tx` that failed, on the transaction's span and in the metrics. */
 export const observeHookFailure =
-  (kind: string, index: number) =>
+  (tx: Tx, kind: string, index: number) =>
   (cause: Cause.Cause<unknown>): Effect.Effect<void> =>
     Effect.withFiberRuntime((fiber) => {
       if (Context.get(fiber.currentContext, MetricsEnabled)) metrics.hookFailures.unsafeUpdate(1, labels("kind", kind))
-      if (fiber.getFiberRef(FiberRef.currentTracerEnabled)) {
-        const span = Context.getOption(fiber.currentContext, Tracer.ParentSpan)
-        if (span._tag === "Some" && span.value._tag === "Span") {
-          span.value.event("db.transaction.hook_failed", nanos(), {
-            "effect_transaction.hook.kind": kind,
-            "effect_transaction.hook.index": index,
-            "effect_transaction.error.reason": reasonOf(cause)
-          })
-        }
-      }
+      spanOf(fiber, tx)?.event("db.transaction.hook_failed", nanos(), {
+        "effect_transaction.hook.kind": kind,
+        "effect_transaction.hook.index": index,
+        "effect_transaction.error.reason": reasonOf(cause)
+      })
       return Effect.void
     })

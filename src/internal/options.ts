@@ -42,7 +42,10 @@ const show = (value: unknown): string => {
 }
 
 export const validateOptions = (options: Transaction.Options): TransactionError | undefined => {
-  for (const name of Object.keys(options)) {
+  let given = false
+  for (const name in options) {
+    if (!Object.hasOwn(options, name)) continue
+    given = true
     if (!optionNames.has(name)) {
       return invalidOption(
         `Unknown option ${JSON.stringify(name)}; nothing was sent. The options are: ${[...optionNames].join(", ")}. ` +
@@ -53,6 +56,7 @@ export const validateOptions = (options: Transaction.Options): TransactionError 
       )
     }
   }
+  if (!given) return undefined
   if (options.isolation !== undefined && !isolationLevels.includes(options.isolation)) {
     return invalidOption(
       `Unknown isolation level ${show(options.isolation)}. Use one of: ${isolationLevels.join(", ")}.`

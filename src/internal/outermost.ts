@@ -13,10 +13,12 @@ import * as Effect from "effect/Effect"
 import * as Duration from "effect/Duration"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as FiberRefs from "effect/FiberRefs"
 import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
 import * as Schedule from "effect/Schedule"
 import * as Scope from "effect/Scope"
+import type * as Tracer from "effect/Tracer"
 import type * as Transaction from "../Transaction.js"
 import { classify, databaseInfo, TransactionError } from "../TransactionError.js"
 import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
@@ -46,7 +48,7 @@ import { withHooksOfLast } from "./hooks.js"
 import {
   type Observation,
   observeCommitFailure,
-  observeConnectionWait,
+  connectionWait,
   observeNested,
   observeOutermost,
   observeRetry
@@ -119,7 +121,7 @@ export const finishOutermost = <A, E>(
     }
     // COMMIT is never abandoned: past the deadline it is cancelled, and its own answer says what happened.
     const commit = tx.owned.execute(tx.dialect.commit(tx.conn), held, limit?.deadline)
-    return Effect.matchCauseEffect(Effect.tapError(commit, observeCommitFailure), {
+    return Effect.matchCauseEffect(Effect.tapError(commit, observeCommitFailure(tx)), {
       onFailure: (cause) => {
         const error = Cause.squash(cause)
         const { sqlState } = databaseInfo(error)
@@ -184,9 +186,7 @@ const acquireTimeoutError = (millis: number, holding: boolean) =>
  * waits, so another fiber waits for it, while this one may give up (at `acquireTimeout` or the `timeout` deadline) or
  * be interrupted; a connection that arrives later is released at once, as its scope has closed by then.
  */
-export const reserve: typeof reserveConnection = (...args) => observeConnectionWait(reserveConnection(...args))
-
-const reserveConnection = (
+export const reserve = (
   client: SqlClient.SqlClient,
   scope: Scope.Scope,
   acquireMillis: number | undefined,
@@ -204,17 +204,21 @@ const reserveConnection = (
   const failed = (cause: Cause.Cause<unknown>): Effect.Effect<never, TransactionError> =>
     Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause)))
   return Effect.withFiberRuntime((fiber) => {
-    // Started at once, with the caller's services: a pooled connection that is free now is reserved before this
-    // returns, and costs no wait for another fiber.
+    const waited = connectionWait(fiber)
+    // Started at once, with the caller's services (and the default fiber refs, which cost nothing to copy): a
+    // pooled connection that is free now is reserved before this returns, and costs no wait for another fiber.
     const waiting = Runtime.runFork(
       Runtime.make({
         context: fiber.currentContext,
-        fiberRefs: fiber.getFiberRefs(),
+        fiberRefs: FiberRefs.empty(),
         runtimeFlags: Runtime.defaultRuntimeFlags
       })
     )(Scope.extend(client.reserve, scope))
     const done = waiting.unsafePoll()
-    if (done !== null) return Exit.isSuccess(done) ? Effect.succeed(done.value) : failed(done.cause)
+    if (done !== null) {
+      waited?.()
+      return Exit.isSuccess(done) ? Effect.succeed(done.value) : failed(done.cause)
+    }
     return Effect.matchCauseEffect(
       restore(
         millis === undefined
@@ -222,16 +226,24 @@ const reserveConnection = (
           : Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))
       ),
       {
-        onFailure: failed,
-        onSuccess: Option.match({
-          onNone: () =>
-            Effect.fail(
-              byDeadline
-                ? timeoutError("The transaction", limit!.timeoutMillis, "it was still waiting for a pooled connection")
-                : acquireTimeoutError(millis!, holding)
-            ),
-          onSome: Effect.succeed
-        })
+        onFailure: (cause) => {
+          waited?.()
+          return failed(cause)
+        },
+        onSuccess: (conn) => {
+          waited?.()
+          return Option.isSome(conn)
+            ? Effect.succeed(conn.value)
+            : Effect.fail(
+                byDeadline
+                  ? timeoutError(
+                      "The transaction",
+                      limit!.timeoutMillis,
+                      "it was still waiting for a pooled connection"
+                    )
+                  : acquireTimeoutError(millis!, holding)
+              )
+        }
       }
     )
   })
@@ -313,15 +325,17 @@ const outermost = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
   limit: Limit | undefined,
-  opened: (frame: Frame) => void
+  opened: (frame: Frame) => void,
+  span: Tracer.Span | undefined
 ): Effect.Effect<A, E | TransactionError, R> =>
   Effect.flatMap(Scope.make(), (scope) => {
     let frame: Frame | undefined
     return open(client, dialect, options, scope, holding, restore, limit).pipe(
       Effect.flatMap((begun) => {
         frame = begun
+        begun.tx.span = span
         opened(begun)
-        const body = bounded(restore(provideFrame(effect, begun)), limit, begun)
+        const body = bounded(restore(provideFrame(effect, begun, span)), limit, begun)
         return Effect.flatMap(Effect.exit(body), (exit) => finishOutermost(begun, exit, limit))
       }),
       Effect.onExit((exit) => closeConnection(frame?.tx, scope, exit))
@@ -351,7 +365,7 @@ export const transact = <A, E, R>(
       const incompatible = checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
       const inside = observeNested(
-        Effect.uninterruptibleMask((restore) => nested(parent, effect, restore)),
+        (span) => Effect.uninterruptibleMask((restore) => nested(parent, effect, restore, span)),
         parent
       )
       const afterNested = parent.tx.mode.afterNested
@@ -380,9 +394,19 @@ export const outermostRetrying = <A, E, R>(
         const once = Effect.uninterruptibleMask((restore) => {
           last = undefined
           if (observation !== undefined) observation.attempts++
-          return outermost(client, dialect, options, holding, effect, restore, limit, (frame) => {
-            last = frame
-          })
+          return outermost(
+            client,
+            dialect,
+            options,
+            holding,
+            effect,
+            restore,
+            limit,
+            (frame) => {
+              last = frame
+            },
+            observation?.span
+          )
         })
         const turns = holding ? undefined : turnsOf(client)
         return withHooksOfLast(attempts(once, options, limit, turns, observation), () => last)
