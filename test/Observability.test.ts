@@ -5,8 +5,8 @@ import { SqlClient } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { Effect, Exit, Metric, Option, Schedule, Tracer } from "effect"
 import type { Span } from "effect/Tracer"
-import { Transaction } from "effect-transaction"
-import { insert, items, serializationFailure } from "./utils/fixtures.js"
+import { TestTransaction, Transaction } from "effect-transaction"
+import { committedIds, insert, items, serializationFailure } from "./utils/fixtures.js"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 interface Recorded {
@@ -277,6 +277,64 @@ describe("spans and metrics", () => {
           "effect_transaction.hook.index": 0,
           "effect_transaction.error.reason": "Failure"
         })
+      })
+    )
+
+    it.effect("a Transaction.begin handle is one span from begin to its end, its statements under it", () =>
+      Effect.gen(function* () {
+        yield* items
+        const { tracer, named, parentOf } = recordingTracer()
+        const committed = counterValue(metrics.outcomes, ["outcome", "committed"])
+        const rolledBack = counterValue(metrics.outcomes, ["outcome", "rolled_back"])
+        const before = { committed: yield* committed, rolledBack: yield* rolledBack }
+        yield* Effect.scoped(
+          Effect.gen(function* () {
+            const handle = yield* Transaction.begin()
+            yield* handle.run(insert(1))
+            yield* handle.commit
+          })
+        ).pipe(Effect.withSpan("caller"), Effect.withTracer(tracer))
+        // Closing the scope without commit or rollback rolls back: that too ends the span.
+        yield* Effect.scoped(Effect.flatMap(Transaction.begin(), (handle) => handle.run(insert(2)))).pipe(
+          Effect.withTracer(tracer)
+        )
+        const [first, second] = named("sql.transaction")
+        assert.strictEqual(named("sql.transaction").length, 2)
+        assert.strictEqual(parentOf(first!)?.name, "caller")
+        assert.strictEqual(first!.attributes.get("db.system.name"), "postgresql")
+        assert.strictEqual(first!.attributes.get("effect_transaction.attempts"), 1)
+        assert.strictEqual(first!.attributes.get("effect_transaction.outcome"), "committed")
+        assert.isTrue(first!.exit !== undefined && Exit.isSuccess(first!.exit))
+        const statements = named("sql.execute").filter((span) => parentOf(span) === first)
+        assert.strictEqual(statements.length, 1)
+        assert.strictEqual(second!.attributes.get("effect_transaction.outcome"), "rolled_back")
+        assert.isTrue(second!.exit !== undefined)
+        assert.strictEqual((yield* committed) - before.committed, 1)
+        assert.strictEqual((yield* rolledBack) - before.rolledBack, 1)
+      })
+    )
+
+    it.effect("under TestTransaction the code's own transaction is a span and is counted, as in production", () =>
+      Effect.gen(function* () {
+        yield* items
+        const { tracer, named, parentOf } = recordingTracer()
+        const committed = counterValue(metrics.outcomes, ["outcome", "committed"])
+        const before = yield* committed
+        const code = Effect.gen(function* () {
+          yield* insert(1)
+          yield* Effect.either(insert(2).pipe(Effect.zipRight(Effect.fail("no")), Transaction.withTransaction()))
+        }).pipe(Transaction.withTransaction({ isolation: "serializable" }))
+        yield* TestTransaction.isolate(code).pipe(Effect.withSpan("test"), Effect.withTracer(tracer))
+        const [outer, nested] = named("sql.transaction")
+        assert.strictEqual(named("sql.transaction").length, 2)
+        assert.strictEqual(parentOf(outer!)?.name, "test")
+        assert.strictEqual(outer!.attributes.get("effect_transaction.isolation"), "serializable")
+        assert.strictEqual(outer!.attributes.get("effect_transaction.outcome"), "committed")
+        assert.strictEqual(parentOf(nested!), outer)
+        assert.isTrue(nested!.events.some((event) => event.name === "db.transaction.rollback_to_savepoint"))
+        assert.strictEqual((yield* committed) - before, 1)
+        // The test transaction itself rolled back: nothing was committed.
+        assert.deepStrictEqual(yield* committedIds, [])
       })
     )
 

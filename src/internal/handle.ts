@@ -32,6 +32,7 @@ const declaredBy = (options: Transaction.BeginOptions) => ({
 })
 import { closeConnection, finishOutermost, open } from "./outermost.js"
 import { withHooksOfLast } from "./hooks.js"
+import { type OpenObservation, observeOpened } from "./observability.js"
 
 const endedError = (frame: Frame, what: string) =>
   new TransactionError({
@@ -57,20 +58,38 @@ export const begin = (
       const virtual = parent.test
       const incompatible = virtual ? undefined : checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
-      return Effect.uninterruptibleMask((restore) =>
-        Effect.flatMap(openNested(parent, restore, virtual ? declaredBy(options) : undefined), (root) => {
-          root.openedBy = fiber.id()
-          if (virtual) declareOutermost(root, options)
-          return makeHandle(root, userScope, undefined)
-        })
-      )
+      const opening = (observed: OpenObservation | undefined) =>
+        Effect.uninterruptibleMask((restore) =>
+          Effect.flatMap(openNested(parent, restore, virtual ? declaredBy(options) : undefined), (root) => {
+            root.openedBy = fiber.id()
+            if (virtual) declareOutermost(root, options)
+            return makeHandle(root, userScope, undefined, observed)
+          })
+        )
+      // In a test, the code's own transaction is observed as in production; a savepoint is part of its caller's.
+      return virtual
+        ? Effect.flatMap(observeOpened(parent.tx.client, parent.tx.dialect, options), (observed) =>
+            Effect.onError(opening(observed), (cause) => observed?.end(Exit.failCause(cause), undefined) ?? Effect.void)
+          )
+        : opening(undefined)
     }
     const client = Context.unsafeGet(context, SqlClient.SqlClient)
-    return Effect.uninterruptibleMask((restore) =>
-      Effect.flatMap(Scope.make(), (connectionScope) =>
-        open(client, Context.get(context, CurrentDialect), options, connectionScope, false, restore).pipe(
-          Effect.onError((cause) => Scope.close(connectionScope, Exit.failCause(cause))),
-          Effect.flatMap((root) => makeHandle(root, userScope, connectionScope))
+    const dialect = Context.get(context, CurrentDialect)
+    return Effect.flatMap(observeOpened(client, dialect, options), (observed) =>
+      Effect.uninterruptibleMask((restore) =>
+        Effect.flatMap(Scope.make(), (connectionScope) =>
+          open(client, dialect, options, connectionScope, false, restore).pipe(
+            Effect.onError((cause) =>
+              Effect.zipRight(
+                Scope.close(connectionScope, Exit.failCause(cause)),
+                observed?.end(Exit.failCause(cause), undefined) ?? Effect.void
+              )
+            ),
+            Effect.flatMap((root) => {
+              root.tx.span = observed?.observation.span
+              return makeHandle(root, userScope, connectionScope, observed)
+            })
+          )
         )
       )
     )
@@ -79,8 +98,10 @@ export const begin = (
 const makeHandle = (
   root: Frame,
   userScope: Scope.Scope,
-  connectionScope: Scope.CloseableScope | undefined
+  connectionScope: Scope.CloseableScope | undefined,
+  observed: OpenObservation | undefined
 ): Effect.Effect<Transaction.Handle> => {
+  const span = observed?.observation.span
   /** The handle's own blocks: its root and the savepoints still open, outermost first. */
   const frames: Array<Frame> = [root]
   /** Every savepoint the handle has taken, open or not. */
@@ -106,10 +127,11 @@ const makeHandle = (
               closeConnection(root.tx, connectionScope, result)
             )
       // A rollback asked for ends in an empty failure: it is the expected outcome.
-      return Effect.catchAllCause(
+      const finished = Effect.catchAllCause(
         withHooksOfLast(Effect.uninterruptible(ending), () => root),
         (cause) => (Cause.isEmpty(cause) ? Effect.void : Effect.failCause(cause))
       )
+      return observed === undefined ? finished : Effect.onExit(finished, (exit) => observed.end(exit, root))
     })
 
   const savepointOf = (savepoint: Transaction.Savepoint, what: string): Frame | TransactionError => {
@@ -178,7 +200,7 @@ const makeHandle = (
     run: <A, E, R>(effect: Effect.Effect<A, E, R>) =>
       Effect.suspend(
         (): Effect.Effect<A, E | TransactionError, R> =>
-          live() ? provideFrame(effect, top()) : Effect.fail(endedError(root, "run was called"))
+          live() ? provideFrame(effect, top(), span) : Effect.fail(endedError(root, "run was called"))
       ) as Effect.Effect<A, E | TransactionError, Exclude<R, Transaction.Current>>,
     commit: finish("commit"),
     rollback: finish("rollback"),

@@ -100,6 +100,8 @@ let active = 0
 export interface Observation {
   readonly span: Tracer.Span | undefined
   readonly metrics: boolean
+  /** When it started, for its duration (`performance.now()`). */
+  readonly started: number
   attempts: number
 }
 
@@ -141,21 +143,74 @@ const isEnabled = (fiber: Fiber.RuntimeFiber<unknown, unknown>) => ({
 })
 
 const outcomeOf = (exit: Exit.Exit<unknown, unknown>, last: Frame | undefined): Outcome => {
-  const outcome = last?.tx.outcome
+  // In a test, the code's outermost transaction is a block with a virtual commit, whose outcome is its own.
+  const outcome = last?.declared !== undefined ? last.outcome : last?.tx.outcome
   if (outcome === "committed") return "committed"
   if (outcome === "unknown") return "unknown"
   if (outcome === undefined && Exit.isSuccess(exit)) return "committed"
   return "rolled_back"
 }
 
+/** Starts observing an outermost transaction in `span` (undefined when spans are off): its attributes, the gauge. */
+const startObservation = (
+  client: SqlClient.SqlClient,
+  dialect: Dialect,
+  options: Transaction.BeginOptions,
+  span: Tracer.Span | undefined,
+  metricsOn: boolean,
+  started: number
+): Observation => {
+  if (span !== undefined) {
+    span.attribute("db.system.name", dialect.name)
+    const namespace = namespaceOf(client)
+    if (namespace !== undefined) span.attribute("db.namespace", namespace)
+    if (options.isolation !== undefined) span.attribute("effect_transaction.isolation", options.isolation)
+    span.attribute("effect_transaction.read_only", options.readOnly === true)
+  }
+  if (metricsOn) {
+    active++
+    metrics.active.unsafeUpdate(active, noLabels)
+  }
+  return { span, metrics: metricsOn, started, attempts: 0 }
+}
+
+/** Records how an observed transaction ended (`exit`; `last` is the block of its last attempt). */
+const endObservation = (observation: Observation, exit: Exit.Exit<unknown, unknown>, last: Frame | undefined) => {
+  const outcome = outcomeOf(exit, last)
+  const reason = Exit.isFailure(exit) ? reasonOf(exit.cause) : undefined
+  const span = observation.span
+  if (span !== undefined) {
+    span.attribute("effect_transaction.attempts", observation.attempts)
+    span.attribute("effect_transaction.outcome", outcome)
+    if (reason !== undefined && Exit.isFailure(exit)) {
+      span.attribute("effect_transaction.error.reason", reason)
+      span.attribute("error.type", reason)
+      const sqlState = sqlStateOf(exit.cause)
+      if (sqlState !== undefined) span.attribute("db.response.status_code", sqlState)
+    }
+  }
+  if (observation.metrics) {
+    active--
+    metrics.active.unsafeUpdate(active, noLabels)
+    metrics.duration.unsafeUpdate((performance.now() - observation.started) / 1000, labels("outcome", outcome))
+    metrics.outcomes.unsafeUpdate(
+      1,
+      reason === undefined ? labels("outcome", outcome) : labels("outcome", outcome, "reason", reason)
+    )
+  }
+}
+
+const spanOptions: Tracer.SpanOptions = { kind: "client", captureStackTrace: false }
+
 /**
  * Runs an outermost transaction (`run`, all its attempts and hooks) in its `sql.transaction` span and records its
- * metrics; `last` is the block of its last attempt, which says how it ended.
+ * metrics; `last` is the block of its last attempt, which says how it ended. The span becomes the parent of the
+ * transaction's work where the block's services are provided.
  */
 export const observeOutermost = <A, E, R>(
   client: SqlClient.SqlClient,
   dialect: Dialect,
-  options: Transaction.Options,
+  options: Transaction.BeginOptions,
   last: () => Frame | undefined,
   run: (observation: Observation | undefined) => Effect.Effect<A, E, R>
 ): Effect.Effect<A, E, R> =>
@@ -163,49 +218,50 @@ export const observeOutermost = <A, E, R>(
     const enabled = isEnabled(fiber)
     if (!enabled.spans && !enabled.metrics) return run(undefined)
     const started = performance.now()
-    const finish = (observation: Observation, exit: Exit.Exit<A, E>) =>
-      Effect.sync(() => {
-        const outcome = outcomeOf(exit, last())
-        const reason = Exit.isFailure(exit) ? reasonOf(exit.cause) : undefined
-        const span = observation.span
-        if (span !== undefined) {
-          span.attribute("effect_transaction.attempts", observation.attempts)
-          span.attribute("effect_transaction.outcome", outcome)
-          if (reason !== undefined && Exit.isFailure(exit)) {
-            span.attribute("effect_transaction.error.reason", reason)
-            span.attribute("error.type", reason)
-            const sqlState = sqlStateOf(exit.cause)
-            if (sqlState !== undefined) span.attribute("db.response.status_code", sqlState)
-          }
-        }
-        if (observation.metrics) {
-          active--
-          metrics.active.unsafeUpdate(active, noLabels)
-          metrics.duration.unsafeUpdate((performance.now() - started) / 1000, labels("outcome", outcome))
-          metrics.outcomes.unsafeUpdate(
-            1,
-            reason === undefined ? labels("outcome", outcome) : labels("outcome", outcome, "reason", reason)
-          )
-        }
-      })
     const observed = (span: Tracer.Span | undefined) => {
-      const observation: Observation = { span, metrics: enabled.metrics, attempts: 0 }
-      if (enabled.metrics) {
-        active++
-        metrics.active.unsafeUpdate(active, noLabels)
-      }
-      // The span becomes the parent of the transaction's work where the block's services are provided.
-      return Effect.onExit(run(observation), (exit) => finish(observation, exit))
+      const observation = startObservation(client, dialect, options, span, enabled.metrics, started)
+      return Effect.onExit(run(observation), (exit) => Effect.sync(() => endObservation(observation, exit, last())))
     }
     if (!enabled.spans) return observed(undefined)
-    return Effect.useSpan("sql.transaction", { kind: "client", captureStackTrace: false }, (span) => {
-      span.attribute("db.system.name", dialect.name)
-      const namespace = namespaceOf(client)
-      if (namespace !== undefined) span.attribute("db.namespace", namespace)
-      if (options.isolation !== undefined) span.attribute("effect_transaction.isolation", options.isolation)
-      span.attribute("effect_transaction.read_only", options.readOnly === true)
-      return observed(span)
-    })
+    return Effect.useSpan("sql.transaction", spanOptions, observed)
+  })
+
+/** An observed transaction whose end is not the end of one effect: `end` records how it ended, once. */
+export interface OpenObservation {
+  readonly observation: Observation
+  readonly end: (exit: Exit.Exit<unknown, unknown>, last: Frame | undefined) => Effect.Effect<void>
+}
+
+/**
+ * Starts observing a transaction of a `Transaction.begin` handle, whose span stays open until `end` is called.
+ * Undefined when spans and metrics are both off.
+ */
+export const observeOpened = (
+  client: SqlClient.SqlClient,
+  dialect: Dialect,
+  options: Transaction.BeginOptions
+): Effect.Effect<OpenObservation | undefined> =>
+  Effect.withFiberRuntime((fiber) => {
+    const enabled = isEnabled(fiber)
+    if (!enabled.spans && !enabled.metrics) return Effect.succeed(undefined)
+    const started = performance.now()
+    const observed = (span: Tracer.Span | undefined): OpenObservation => {
+      const observation = startObservation(client, dialect, options, span, enabled.metrics, started)
+      observation.attempts = 1
+      let ended = false
+      const end = (exit: Exit.Exit<unknown, unknown>, last: Frame | undefined) =>
+        Effect.clockWith((clock) =>
+          Effect.sync(() => {
+            if (ended) return
+            ended = true
+            endObservation(observation, exit, last)
+            span?.end(clock.unsafeCurrentTimeNanos(), exit)
+          })
+        )
+      return { observation, end }
+    }
+    if (!enabled.spans) return Effect.succeed(observed(undefined))
+    return Effect.map(Effect.makeSpan("sql.transaction", spanOptions), observed)
   })
 
 /**
@@ -218,7 +274,7 @@ export const observeNested = <A, E, R>(
 ): Effect.Effect<A, E, R> =>
   Effect.withFiberRuntime((fiber) => {
     if (!fiber.getFiberRef(FiberRef.currentTracerEnabled)) return block(undefined)
-    return Effect.useSpan("sql.transaction", { kind: "client", captureStackTrace: false }, (span) => {
+    return Effect.useSpan("sql.transaction", spanOptions, (span) => {
       span.attribute("db.system.name", parent.tx.dialect.name)
       span.attribute("effect_transaction.depth", parent.depth + 1)
       span.event("db.transaction.savepoint", nanos())

@@ -13,10 +13,13 @@ import * as Effect from "effect/Effect"
 import * as Duration from "effect/Duration"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as FiberId from "effect/FiberId"
+import * as FiberRef from "effect/FiberRef"
 import * as FiberRefs from "effect/FiberRefs"
 import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
 import * as Schedule from "effect/Schedule"
+import type * as Scheduler from "effect/Scheduler"
 import * as Scope from "effect/Scope"
 import type * as Tracer from "effect/Tracer"
 import type * as Transaction from "../Transaction.js"
@@ -205,12 +208,12 @@ export const reserve = (
     Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause)))
   return Effect.withFiberRuntime((fiber) => {
     const waited = connectionWait(fiber)
-    // Started at once, with the caller's services (and the default fiber refs, which cost nothing to copy): a
-    // pooled connection that is free now is reserved before this returns, and costs no wait for another fiber.
+    // Started at once, with the caller's services: a pooled connection that is free now is reserved before this
+    // returns, and costs no wait for another fiber.
     const waiting = Runtime.runFork(
       Runtime.make({
         context: fiber.currentContext,
-        fiberRefs: FiberRefs.empty(),
+        fiberRefs: reservationRefs,
         runtimeFlags: Runtime.defaultRuntimeFlags
       })
     )(Scope.extend(client.reserve, scope))
@@ -222,8 +225,8 @@ export const reserve = (
     return Effect.matchCauseEffect(
       restore(
         millis === undefined
-          ? Effect.asSome(Fiber.join(waiting))
-          : Effect.timeoutOption(Fiber.join(waiting), Duration.millis(millis))
+          ? Effect.asSome(Effect.flatten(Fiber.await(waiting)))
+          : Effect.timeoutOption(Effect.flatten(Fiber.await(waiting)), Duration.millis(millis))
       ),
       {
         onFailure: (cause) => {
@@ -248,6 +251,17 @@ export const reserve = (
     )
   })
 }
+
+/**
+ * The fiber refs a reservation runs with: the defaults, and a scheduler that resumes it as soon as the pool
+ * answers, in the pool's callback, rather than in a later turn of the scheduler; the connection then reaches the
+ * transaction one turn sooner instead of sitting idle while every other fiber takes its turn.
+ */
+const reservationRefs = FiberRefs.updateAs(FiberRefs.empty(), {
+  fiberId: FiberId.none,
+  fiberRef: FiberRef.currentScheduler,
+  value: { scheduleTask: (task) => task(), shouldYield: () => false } satisfies Scheduler.Scheduler
+})
 
 /** Reserves a connection into `scope` and opens the outermost block on it; BEGIN travels with its first statement. */
 /** @internal */
@@ -540,22 +554,34 @@ export const virtualOutermost = <A, E, R>(
   return Effect.suspend(() => {
     const limit = limitOf(options)
     let last: Frame | undefined
-    const once = Effect.uninterruptibleMask((restore) => {
-      last = undefined
-      if (limit !== undefined && limit.deadline <= Date.now()) {
-        return Effect.fail(timeoutError("The transaction", limit.timeoutMillis, "no time was left for another attempt"))
+    // Observed as the transaction it stands for, with a span and metrics as in production.
+    return observeOutermost(
+      parent.tx.client,
+      parent.tx.dialect,
+      options,
+      () => last,
+      (observation) => {
+        const once = Effect.uninterruptibleMask((restore) => {
+          last = undefined
+          if (observation !== undefined) observation.attempts++
+          if (limit !== undefined && limit.deadline <= Date.now()) {
+            return Effect.fail(
+              timeoutError("The transaction", limit.timeoutMillis, "no time was left for another attempt")
+            )
+          }
+          const declared = {
+            what: "A transaction of the code under test",
+            deadlockTimeoutMillis: deadlockTimeoutMillisOf(options)
+          }
+          return Effect.flatMap(openNested(parent, restore, declared), (frame) => {
+            last = frame
+            declareOutermost(frame, options)
+            const body = bounded(restore(provideFrame(effect, frame, observation?.span)), limit, frame)
+            return Effect.flatMap(Effect.exit(body), (exit) => finishNested(frame, exit))
+          })
+        })
+        return withHooksOfLast(attempts(once, options, limit, undefined, observation), () => last)
       }
-      const declared = {
-        what: "A transaction of the code under test",
-        deadlockTimeoutMillis: deadlockTimeoutMillisOf(options)
-      }
-      return Effect.flatMap(openNested(parent, restore, declared), (frame) => {
-        last = frame
-        declareOutermost(frame, options)
-        const body = bounded(restore(provideFrame(effect, frame)), limit, frame)
-        return Effect.flatMap(Effect.exit(body), (exit) => finishNested(frame, exit))
-      })
-    })
-    return withHooksOfLast(attempts(once, options, limit), () => last)
+    )
   })
 }
