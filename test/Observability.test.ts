@@ -3,7 +3,7 @@
  */
 import { SqlClient } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
-import { Effect, Exit, Metric, Option, Schedule, Tracer } from "effect"
+import { Effect, Exit, Fiber, Metric, Option, Schedule, Tracer } from "effect"
 import type { Span } from "effect/Tracer"
 import { TestTransaction, Transaction } from "effect-transaction"
 import { committedIds, insert, items, serializationFailure } from "./utils/fixtures.js"
@@ -311,6 +311,34 @@ describe("spans and metrics", () => {
         assert.isTrue(second!.exit !== undefined)
         assert.strictEqual((yield* committed) - before.committed, 1)
         assert.strictEqual((yield* rolledBack) - before.rolledBack, 1)
+      })
+    )
+
+    it.effect("an interrupted Transaction.begin never leaves its span open or the active gauge raised", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        const { tracer, named } = recordingTracer()
+        const active = Effect.map(Metric.value(metrics.active), (state) => state.value)
+        const before = yield* active
+        // Interrupted after 0 to 39 yields: before, during and after begin, run, commit and rollback.
+        for (let i = 0; i < 120; i++) {
+          const work = Effect.scoped(
+            Effect.gen(function* () {
+              const handle = yield* Transaction.begin()
+              yield* handle.run(sql`SELECT 1`)
+              if (i % 3 === 0) yield* handle.commit
+              if (i % 3 === 1) yield* handle.rollback
+            })
+          ).pipe(Effect.withTracer(tracer), Effect.withMaxOpsBeforeYield(64))
+          const fiber = yield* Effect.fork(work)
+          for (let k = 0; k < i % 40; k++) yield* Effect.yieldNow()
+          yield* Fiber.interrupt(fiber)
+          assert.deepStrictEqual(
+            { open: named("sql.transaction").filter((span) => span.exit === undefined).length, active: yield* active },
+            { open: 0, active: before },
+            `interrupted after ${i % 40} yields`
+          )
+        }
       })
     )
 

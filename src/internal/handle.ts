@@ -58,42 +58,45 @@ export const begin = (
       const virtual = parent.test
       const incompatible = virtual ? undefined : checkNestedOptions(parent, options)
       if (incompatible !== undefined) return Effect.fail(incompatible)
-      const opening = (observed: OpenObservation | undefined) =>
-        Effect.uninterruptibleMask((restore) =>
-          Effect.flatMap(openNested(parent, restore, virtual ? declaredBy(options) : undefined), (root) => {
-            root.openedBy = fiber.id()
-            if (virtual) declareOutermost(root, options)
-            return makeHandle(root, userScope, undefined, observed)
-          })
-        )
       // In a test, the code's own transaction is observed as in production; a savepoint is part of its caller's.
-      return virtual
-        ? Effect.flatMap(observeOpened(parent.tx.client, parent.tx.dialect, options), (observed) =>
-            Effect.onError(opening(observed), (cause) => observed?.end(Exit.failCause(cause), undefined) ?? Effect.void)
-          )
-        : opening(undefined)
+      // The observation starts inside the mask, so that nothing can come between it and what ends it.
+      return Effect.uninterruptibleMask((restore) =>
+        Effect.flatMap(
+          virtual ? observeOpened(parent.tx.client, parent.tx.dialect, options) : Effect.succeed(undefined),
+          (observed) =>
+            Effect.flatMap(
+              Effect.onError(openNested(parent, restore, virtual ? declaredBy(options) : undefined), (cause) =>
+                endUnopened(observed, cause)
+              ),
+              (root) => {
+                root.openedBy = fiber.id()
+                if (virtual) declareOutermost(root, options)
+                return makeHandle(root, userScope, undefined, observed)
+              }
+            )
+        )
+      )
     }
     const client = Context.unsafeGet(context, SqlClient.SqlClient)
     const dialect = Context.get(context, CurrentDialect)
-    return Effect.flatMap(observeOpened(client, dialect, options), (observed) =>
-      Effect.uninterruptibleMask((restore) =>
-        Effect.flatMap(Scope.make(), (connectionScope) =>
-          open(client, dialect, options, connectionScope, false, restore).pipe(
-            Effect.onError((cause) =>
-              Effect.zipRight(
-                Scope.close(connectionScope, Exit.failCause(cause)),
-                observed?.end(Exit.failCause(cause), undefined) ?? Effect.void
-              )
-            ),
-            Effect.flatMap((root) => {
-              root.tx.span = observed?.observation.span
-              return makeHandle(root, userScope, connectionScope, observed)
-            })
-          )
+    return Effect.uninterruptibleMask((restore) =>
+      Effect.flatMap(Effect.zip(observeOpened(client, dialect, options), Scope.make()), ([observed, connectionScope]) =>
+        open(client, dialect, options, connectionScope, false, restore).pipe(
+          Effect.onError((cause) =>
+            Effect.zipRight(Scope.close(connectionScope, Exit.failCause(cause)), endUnopened(observed, cause))
+          ),
+          Effect.flatMap((root) => {
+            root.tx.span = observed?.observation.span
+            return makeHandle(root, userScope, connectionScope, observed)
+          })
         )
       )
     )
   })
+
+/** Ends the observation of a handle whose transaction could not be opened. */
+const endUnopened = (observed: OpenObservation | undefined, cause: Cause.Cause<unknown>) =>
+  observed === undefined ? Effect.void : observed.end(Exit.failCause(cause), undefined)
 
 const makeHandle = (
   root: Frame,
