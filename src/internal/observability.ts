@@ -68,8 +68,10 @@ export const metrics = {
 
 type Outcome = "committed" | "rolled_back" | "unknown"
 
-/** Tag sets, made once per distinct set (a tree of maps keyed by each value in turn): updating a metric with them
- * allocates nothing, and the metric finds its hook for the set by identity. */
+/**
+ * Tag sets, made once per distinct set (a tree of maps keyed by each value in turn): updating a metric makes no new
+ * set, and the metric finds its hook for the set by identity.
+ */
 interface LabelNode {
   labels: ReadonlyArray<MetricLabel.MetricLabel> | undefined
   readonly next: Map<string, LabelNode>
