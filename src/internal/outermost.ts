@@ -396,9 +396,39 @@ export const outermostRetrying = <A, E, R>(
   holding: boolean
 ): Effect.Effect<A, E | TransactionError, R> => {
   const dialect = Context.get(context, CurrentDialect)
-  return Effect.suspend(() => {
+  return wholeCall(
+    client,
+    dialect,
+    options,
+    holding ? undefined : turnsOf(client),
+    (restore, limit, observation, opened) =>
+      outermost(client, dialect, options, holding, effect, restore, limit, opened, observation?.span)
+  )
+}
+
+/**
+ * One call of a transaction, whatever opens it: observed (its span and metrics), run in as many attempts as
+ * `retry` allows before the deadline of `timeout`, then the hooks of its last attempt. `attempt` runs one attempt
+ * uninterruptibly (`restore` gives the caller's interruptibility back) and reports the block it opens.
+ */
+const wholeCall = <A, E, R>(
+  client: SqlClient.SqlClient,
+  dialect: Dialect,
+  options: Transaction.Options,
+  turns: Turns | undefined,
+  attempt: (
+    restore: <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>,
+    limit: Limit | undefined,
+    observation: Observation | undefined,
+    opened: (frame: Frame) => void
+  ) => Effect.Effect<A, E | TransactionError, R>
+): Effect.Effect<A, E | TransactionError, R> =>
+  Effect.suspend(() => {
     const limit = limitOf(options)
     let last: Frame | undefined
+    const opened = (frame: Frame) => {
+      last = frame
+    }
     return observeOutermost(
       client,
       dialect,
@@ -408,26 +438,12 @@ export const outermostRetrying = <A, E, R>(
         const once = Effect.uninterruptibleMask((restore) => {
           last = undefined
           if (observation !== undefined) observation.attempts++
-          return outermost(
-            client,
-            dialect,
-            options,
-            holding,
-            effect,
-            restore,
-            limit,
-            (frame) => {
-              last = frame
-            },
-            observation?.span
-          )
+          return attempt(restore, limit, observation, opened)
         })
-        const turns = holding ? undefined : turnsOf(client)
         return withHooksOfLast(attempts(once, options, limit, turns, observation), () => last)
       }
     )
   })
-}
 
 /** The attempts of a transaction: one, or as many as `retry` allows before the deadline of `timeout`. */
 const attempts = <A, E, R>(
@@ -551,37 +567,20 @@ export const virtualOutermost = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   options: Transaction.Options
 ): Effect.Effect<A, E | TransactionError, R> => {
-  return Effect.suspend(() => {
-    const limit = limitOf(options)
-    let last: Frame | undefined
-    // Observed as the transaction it stands for, with a span and metrics as in production.
-    return observeOutermost(
-      parent.tx.client,
-      parent.tx.dialect,
-      options,
-      () => last,
-      (observation) => {
-        const once = Effect.uninterruptibleMask((restore) => {
-          last = undefined
-          if (observation !== undefined) observation.attempts++
-          if (limit !== undefined && limit.deadline <= Date.now()) {
-            return Effect.fail(
-              timeoutError("The transaction", limit.timeoutMillis, "no time was left for another attempt")
-            )
-          }
-          const declared = {
-            what: "A transaction of the code under test",
-            deadlockTimeoutMillis: deadlockTimeoutMillisOf(options)
-          }
-          return Effect.flatMap(openNested(parent, restore, declared), (frame) => {
-            last = frame
-            declareOutermost(frame, options)
-            const body = bounded(restore(provideFrame(effect, frame, observation?.span)), limit, frame)
-            return Effect.flatMap(Effect.exit(body), (exit) => finishNested(frame, exit))
-          })
-        })
-        return withHooksOfLast(attempts(once, options, limit, undefined, observation), () => last)
-      }
-    )
+  // Observed as the transaction it stands for, with a span and metrics as in production.
+  return wholeCall(parent.tx.client, parent.tx.dialect, options, undefined, (restore, limit, observation, opened) => {
+    if (limit !== undefined && limit.deadline <= Date.now()) {
+      return Effect.fail(timeoutError("The transaction", limit.timeoutMillis, "no time was left for another attempt"))
+    }
+    const declared = {
+      what: "A transaction of the code under test",
+      deadlockTimeoutMillis: deadlockTimeoutMillisOf(options)
+    }
+    return Effect.flatMap(openNested(parent, restore, declared), (frame) => {
+      opened(frame)
+      declareOutermost(frame, options)
+      const body = bounded(restore(provideFrame(effect, frame, observation?.span)), limit, frame)
+      return Effect.flatMap(Effect.exit(body), (exit) => finishNested(frame, exit))
+    })
   })
 }
