@@ -13,7 +13,7 @@ import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as Equal from "effect/Equal"
-import * as Fiber from "effect/Fiber"
+import type * as Fiber from "effect/Fiber"
 import type * as FiberId from "effect/FiberId"
 import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
@@ -262,7 +262,7 @@ export class Owned<C> {
       const fiber = Runtime.runFork(Runtime.defaultRuntime)(Effect.uninterruptible(statement))
       const done = fiber.unsafePoll()
       if (done !== null) return done
-      const joined = deadline === undefined ? Effect.flatten(Fiber.await(fiber)) : this.joinBefore(fiber, deadline)
+      const joined = deadline === undefined ? awaitEnd(fiber) : this.joinBefore(fiber, deadline)
       return Effect.onInterrupt(restore(joined), () => this.stop(fiber))
     })
   }
@@ -375,7 +375,7 @@ export class Owned<C> {
   private joinBefore<A>(fiber: Fiber.RuntimeFiber<A, SqlError>, deadline: number): Effect.Effect<A, SqlError> {
     const remaining = deadline - Date.now()
     return Effect.flatMap(awaitWithin(fiber, Math.max(0, remaining)), (exit) =>
-      Option.isSome(exit) ? exit.value : Effect.zipRight(this.stop(fiber), Fiber.join(fiber))
+      Option.isSome(exit) ? exit.value : Effect.zipRight(this.stop(fiber), awaitEnd(fiber))
     )
   }
 
@@ -403,7 +403,7 @@ export class Owned<C> {
     return Effect.suspend(() => {
       if (fiber.unsafePoll() !== null) return Effect.void
       this.broken = true
-      return Effect.zipRight(this.dialect.terminate(this.conn), Effect.asVoid(Fiber.await(fiber)))
+      return Effect.zipRight(this.dialect.terminate(this.conn), Effect.exit(awaitEnd(fiber)))
     })
   }
 
@@ -419,6 +419,17 @@ export class Owned<C> {
     )
   }
 }
+
+/**
+ * Waits for the fiber's end and ends as it did. The fiber is observed directly: `Fiber.await` asks the fiber to add
+ * the observer with a message that it handles in a turn of its own, and `Fiber.join` also merges its fiber refs.
+ */
+export const awaitEnd = <A, E>(fiber: Fiber.RuntimeFiber<A, E>): Effect.Effect<A, E> =>
+  Effect.async<A, E>((resume) => {
+    const observer = (exit: Exit.Exit<A, E>) => resume(exit)
+    fiber.addObserver(observer)
+    return Effect.sync(() => fiber.removeObserver(observer))
+  })
 
 /**
  * The fiber's exit if it ends within `millis`. A plain timer, not a race of fibers: the wait keeps the caller's

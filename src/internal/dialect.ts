@@ -258,10 +258,11 @@ interface PgWire {
 const sendCarried = (real: PgQueryClient, prefix: Prefix, text: string, args: Array<unknown>): unknown => {
   const callback = args[args.length - 1] as (error: unknown, result?: unknown) => void
   const first = args[0]
-  const config = typeof first === "string" ? { text } : { ...(first as object), text }
+  // A string is given on as one (node-postgres copies a config object, property by property).
+  const config = typeof first === "string" ? text : { ...(first as object), text }
   const values = args.length > 2 ? args[1] : undefined
   const Query = (real.constructor as { readonly Query?: new (...args: Array<unknown>) => PgQuery }).Query
-  const given = values ?? (config as { readonly values?: unknown }).values
+  const given = values ?? (typeof config === "string" ? undefined : (config as { readonly values?: unknown }).values)
   const hasValues = Array.isArray(given) && given.length > 0
   if (Query !== undefined && (hasValues || splitStatements(text).length === 1)) {
     const query = new Query(config, values, callback)

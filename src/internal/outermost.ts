@@ -12,11 +12,9 @@ import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Duration from "effect/Duration"
 import * as Exit from "effect/Exit"
-import * as Fiber from "effect/Fiber"
 import * as FiberId from "effect/FiberId"
 import * as FiberRef from "effect/FiberRef"
 import * as FiberRefs from "effect/FiberRefs"
-import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
 import * as Schedule from "effect/Schedule"
 import type * as Scheduler from "effect/Scheduler"
@@ -206,48 +204,39 @@ export const reserve = (
   const millis = byDeadline ? remaining : acquireMillis
   const failed = (cause: Cause.Cause<unknown>): Effect.Effect<never, TransactionError> =>
     Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause)))
+  const gaveUp = (): TransactionError =>
+    byDeadline
+      ? timeoutError("The transaction", limit!.timeoutMillis, "it was still waiting for a pooled connection")
+      : acquireTimeoutError(millis!, holding)
   return Effect.withFiberRuntime((fiber) => {
     const waited = connectionWait(fiber)
-    // Started at once, with the caller's services: a pooled connection that is free now is reserved before this
-    // returns, and costs no wait for another fiber.
-    const waiting = Runtime.runFork(
-      Runtime.make({
-        context: fiber.currentContext,
-        fiberRefs: reservationRefs,
-        runtimeFlags: Runtime.defaultRuntimeFlags
-      })
-    )(Scope.extend(client.reserve, scope))
+    // Started at once: a reservation the pool answers synchronously costs no wait.
+    const waiting = Runtime.runFork(reservationRuntime)(Scope.extend(client.reserve, scope))
     const done = waiting.unsafePoll()
     if (done !== null) {
       waited?.()
       return Exit.isSuccess(done) ? Effect.succeed(done.value) : failed(done.cause)
     }
-    return Effect.matchCauseEffect(
-      restore(
-        millis === undefined
-          ? Effect.asSome(Effect.flatten(Fiber.await(waiting)))
-          : Effect.timeoutOption(Effect.flatten(Fiber.await(waiting)), Duration.millis(millis))
-      ),
-      {
-        onFailure: (cause) => {
+    // One wait for the reservation's end, or for `millis`: the fiber is observed directly (Fiber.await would ask
+    // it to add the observer in a turn of its own) and the timer needs no fiber either.
+    return restore(
+      Effect.async<Connection, TransactionError>((resume) => {
+        let timer: ReturnType<typeof setTimeout> | undefined
+        let ended = false
+        const end = (result: Effect.Effect<Connection, TransactionError>) => {
+          if (ended) return
+          ended = true
+          if (timer !== undefined) clearTimeout(timer)
+          waiting.removeObserver(observer)
           waited?.()
-          return failed(cause)
-        },
-        onSuccess: (conn) => {
-          waited?.()
-          return Option.isSome(conn)
-            ? Effect.succeed(conn.value)
-            : Effect.fail(
-                byDeadline
-                  ? timeoutError(
-                      "The transaction",
-                      limit!.timeoutMillis,
-                      "it was still waiting for a pooled connection"
-                    )
-                  : acquireTimeoutError(millis!, holding)
-              )
+          resume(result)
         }
-      }
+        const observer = (exit: Exit.Exit<Connection, unknown>) =>
+          end(Exit.isSuccess(exit) ? Exit.succeed(exit.value) : failed(exit.cause))
+        waiting.addObserver(observer)
+        if (millis !== undefined && !ended) timer = setTimeout(() => end(Effect.fail(gaveUp())), millis)
+        return Effect.sync(() => end(Effect.interrupt))
+      })
     )
   })
 }
@@ -257,10 +246,14 @@ export const reserve = (
  * answers, in the pool's callback, rather than in a later turn of the scheduler; the connection then reaches the
  * transaction one turn sooner instead of sitting idle while every other fiber takes its turn.
  */
-const reservationRefs = FiberRefs.updateAs(FiberRefs.empty(), {
-  fiberId: FiberId.none,
-  fiberRef: FiberRef.currentScheduler,
-  value: { scheduleTask: (task) => task(), shouldYield: () => false } satisfies Scheduler.Scheduler
+const reservationRuntime = Runtime.make({
+  context: Context.empty(),
+  fiberRefs: FiberRefs.updateAs(FiberRefs.empty(), {
+    fiberId: FiberId.none,
+    fiberRef: FiberRef.currentScheduler,
+    value: { scheduleTask: (task) => task(), shouldYield: () => false } satisfies Scheduler.Scheduler
+  }),
+  runtimeFlags: Runtime.defaultRuntimeFlags
 })
 
 /** Reserves a connection into `scope` and opens the outermost block on it; BEGIN travels with its first statement. */
