@@ -211,7 +211,13 @@ export const reserve = (
   return Effect.withFiberRuntime((fiber) => {
     const waited = connectionWait(fiber)
     // Started at once: a reservation the pool answers synchronously costs no wait.
-    const waiting = Runtime.runFork(reservationRuntime)(Scope.extend(client.reserve, scope))
+    const waiting = Runtime.runFork(
+      Runtime.make({
+        context: Context.make(Scope.Scope, scope),
+        fiberRefs: reservationRefs,
+        runtimeFlags: Runtime.defaultRuntimeFlags
+      })
+    )(client.reserve)
     const done = waiting.unsafePoll()
     if (done !== null) {
       waited?.()
@@ -246,14 +252,10 @@ export const reserve = (
  * answers, in the pool's callback, rather than in a later turn of the scheduler; the connection then reaches the
  * transaction one turn sooner instead of sitting idle while every other fiber takes its turn.
  */
-const reservationRuntime = Runtime.make({
-  context: Context.empty(),
-  fiberRefs: FiberRefs.updateAs(FiberRefs.empty(), {
-    fiberId: FiberId.none,
-    fiberRef: FiberRef.currentScheduler,
-    value: { scheduleTask: (task) => task(), shouldYield: () => false } satisfies Scheduler.Scheduler
-  }),
-  runtimeFlags: Runtime.defaultRuntimeFlags
+const reservationRefs = FiberRefs.updateAs(FiberRefs.empty(), {
+  fiberId: FiberId.none,
+  fiberRef: FiberRef.currentScheduler,
+  value: { scheduleTask: (task) => task(), shouldYield: () => false } satisfies Scheduler.Scheduler
 })
 
 /** Reserves a connection into `scope` and opens the outermost block on it; BEGIN travels with its first statement. */
