@@ -12,6 +12,7 @@ import { Cause, Effect, Layer, Redacted } from "effect"
 import { EmbeddedPostgres, Transaction, TransactionError } from "effect-transaction"
 import pg from "pg"
 import { contention } from "./contention.js"
+import { roundTripFloor } from "./floor.js"
 import { idempotencyCost } from "./idempotency.js"
 import { testIsolation } from "./isolation.js"
 import { stubCpu } from "./stub.js"
@@ -23,7 +24,7 @@ if (process.argv.includes("--help")) {
       "  --quick          a short smoke run",
       "  --rounds N       rounds per case",
       '  --case NAME      only the cases whose name contains NAME: "flat", "nested", "contended bank", "contention",',
-      '                   "stub", "idempotency", "test isolation"'
+      '                   "floor", "stub", "idempotency", "test isolation"'
     ].join("\n")
   )
   process.exit(0)
@@ -299,6 +300,9 @@ const main = Effect.gen(function* () {
   if (only === undefined || "contended bank".includes(only)) yield* contendedBank
   if (only === undefined || "contention".includes(only)) {
     yield* contention({ transfers: quick ? 300 : 1000, rounds: quick ? 1 : 3, fibers: [16, 32] })
+  }
+  if (only === undefined || "floor".includes(only)) {
+    yield* roundTripFloor({ transactions: quick ? 200 : 500, rounds })
   }
   if (only === undefined || "stub".includes(only)) {
     yield* stubCpu(quick ? { transactions: 2000, rounds: 3 } : { transactions: 10_000, rounds: 7 })
