@@ -41,6 +41,32 @@ const servedPromptly = Effect.gen(function* () {
   assert.isBelow(ms, 100, `a fresh transaction took ${ms} ms`)
 })
 
+/** Holds every connection of a pool of `n` in open transactions until `release`. */
+const holdAll = (n: number) =>
+  Effect.gen(function* () {
+    const held = yield* Deferred.make<void>()
+    const release = yield* Deferred.make<void>()
+    let holding = 0
+    const fibers = yield* Effect.forEach(
+      Array.from({ length: n }, (_, i) => i),
+      () =>
+        Effect.fork(
+          Effect.suspend(() => (++holding === n ? Deferred.succeed(held, undefined) : Effect.void)).pipe(
+            Effect.zipRight(Deferred.await(release)),
+            Transaction.withTransaction()
+          )
+        ),
+      { concurrency: "unbounded" }
+    )
+    yield* Deferred.await(held)
+    return {
+      release: Effect.zipRight(
+        Deferred.succeed(release, undefined),
+        Effect.forEach(fibers, Fiber.join, { discard: true })
+      )
+    }
+  })
+
 const poolOf = (n: number) => TestDatabase.layer({ applicationName: `etx-ownership-${n}`, maxConnections: n })
 
 for (const pool of [1, 2]) {
@@ -210,6 +236,49 @@ for (const pool of [1, 2]) {
           assert.isBelow(ms, 2000, `the timeout fired after ${ms} ms`)
           yield* Deferred.succeed(release, undefined)
           yield* Effect.forEach(holders, Fiber.join, { discard: true })
+          yield* servedPromptly
+        })
+      )
+
+      it.effect(
+        "acquireTimeout and timeout longer than a timer's longest delay keep waiting instead of firing at once",
+        () =>
+          Effect.gen(function* () {
+            const sql = yield* SqlClient.SqlClient
+            const holders = yield* holdAll(pool)
+            const waiters = yield* Effect.forEach(
+              [{ acquireTimeout: "30 days" }, { timeout: "30 days" }] as const,
+              (options) => Effect.fork(sql`SELECT 1`.pipe(Transaction.withTransaction(options))),
+              { concurrency: "unbounded" }
+            )
+            yield* Effect.sleep("200 millis")
+            for (const waiter of waiters) {
+              const done = yield* Fiber.poll(waiter)
+              assert.isTrue(Option.isNone(done), `a 30-day wait ended after 200 ms: ${JSON.stringify(done)}`)
+            }
+            yield* holders.release
+            for (const waiter of waiters) assert.isTrue(Exit.isSuccess(yield* bounded(Fiber.await(waiter))))
+            yield* servedPromptly
+          })
+      )
+
+      it.effect("hundreds of waiters that gave up do not lose the pool's connections when they are freed", () =>
+        Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          const holders = yield* holdAll(pool)
+          const waiters = yield* Effect.forEach(
+            Array.from({ length: 1000 }, (_, i) => i),
+            (i) =>
+              Effect.fork(
+                sql`SELECT 1`.pipe(Transaction.withTransaction(i % 2 === 0 ? {} : { acquireTimeout: "50 millis" }))
+              ),
+            { concurrency: "unbounded" }
+          )
+          yield* Effect.sleep("100 millis")
+          yield* Effect.forEach(waiters, Fiber.interrupt, { concurrency: "unbounded", discard: true })
+          yield* holders.release
+          // Each connection goes through every abandoned reservation in turn, and comes back to the pool.
+          yield* Effect.sleep("200 millis")
           yield* servedPromptly
         })
       )

@@ -39,7 +39,7 @@ export interface Policy<C> {
 }
 
 /** The longest delay a timer takes; a longer wait is checked again when it fires. */
-const MAX_TIMER_MILLIS = 2_147_483_647
+export const MAX_TIMER_MILLIS = 2_147_483_647
 
 /** A statement ready to run, and what its end changes (holding the connection) before the caller sees it. */
 export interface Prepared<A> {

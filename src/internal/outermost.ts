@@ -54,6 +54,7 @@ import {
   observeOutermost,
   observeRetry
 } from "./observability.js"
+import { MAX_TIMER_MILLIS } from "./connection.js"
 import { takeTurn, type Turns, turnsOf } from "./turns.js"
 
 /**
@@ -240,7 +241,16 @@ export const reserve = (
         const observer = (exit: Exit.Exit<Connection, unknown>) =>
           end(Exit.isSuccess(exit) ? Exit.succeed(exit.value) : failed(exit.cause))
         waiting.addObserver(observer)
-        if (millis !== undefined && !ended) timer = setTimeout(() => end(Effect.fail(gaveUp())), millis)
+        if (millis !== undefined) {
+          // A timer fires after at most MAX_TIMER_MILLIS (a longer delay would fire at once): re-armed until then.
+          const until = Date.now() + millis
+          const arm = () => {
+            const left = until - Date.now()
+            if (left <= 0) end(Effect.fail(gaveUp()))
+            else timer = setTimeout(arm, Math.min(MAX_TIMER_MILLIS, left))
+          }
+          if (!ended) arm()
+        }
         return Effect.sync(() => end(Effect.interrupt))
       })
     )
@@ -248,14 +258,35 @@ export const reserve = (
 }
 
 /**
- * The fiber refs a reservation runs with: the defaults, and a scheduler that resumes it as soon as the pool
- * answers, in the pool's callback, rather than in a later turn of the scheduler; the connection then reaches the
- * transaction one turn sooner instead of sitting idle while every other fiber takes its turn.
+ * Runs a reservation's tasks as soon as they are scheduled, in the pool's callback, rather than in a later turn of
+ * the scheduler: the connection then reaches the transaction one turn sooner. A task scheduled while another runs
+ * waits for it to end (a trampoline), so that handovers do not nest: a reservation whose transaction gave up
+ * releases the connection it gets at once, the pool hands it to the next waiter in the same call, and with hundreds
+ * of such waiters nested calls would overflow the stack and lose the connection.
  */
+const immediate: Scheduler.Scheduler = (() => {
+  const queue: Array<() => void> = []
+  let running = false
+  return {
+    scheduleTask: (task) => {
+      queue.push(task)
+      if (running) return
+      running = true
+      try {
+        for (let next = queue.shift(); next !== undefined; next = queue.shift()) next()
+      } finally {
+        running = false
+      }
+    },
+    shouldYield: () => false
+  }
+})()
+
+/** The fiber refs a reservation runs with: the defaults, and the `immediate` scheduler. */
 const reservationRefs = FiberRefs.updateAs(FiberRefs.empty(), {
   fiberId: FiberId.none,
   fiberRef: FiberRef.currentScheduler,
-  value: { scheduleTask: (task) => task(), shouldYield: () => false } satisfies Scheduler.Scheduler
+  value: immediate
 })
 
 /** Reserves a connection into `scope` and opens the outermost block on it; BEGIN travels with its first statement. */
