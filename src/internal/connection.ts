@@ -403,7 +403,7 @@ export class Owned<C> {
     return Effect.suspend(() => {
       if (fiber.unsafePoll() !== null) return Effect.void
       this.broken = true
-      return Effect.zipRight(this.dialect.terminate(this.conn), Effect.exit(awaitEnd(fiber)))
+      return Effect.zipRight(this.dialect.terminate(this.conn), Effect.asVoid(Effect.exit(awaitEnd(fiber))))
     })
   }
 

@@ -267,16 +267,20 @@ export const reserve = (
 const immediate: Scheduler.Scheduler = (() => {
   const queue: Array<() => void> = []
   let running = false
+  const drain = (): void => {
+    running = true
+    try {
+      for (let next = queue.shift(); next !== undefined; next = queue.shift()) next()
+    } finally {
+      running = false
+      // Only a task that threw leaves others queued: they still run, in the next microtask.
+      if (queue.length > 0) queueMicrotask(() => (running || queue.length === 0 ? undefined : drain()))
+    }
+  }
   return {
     scheduleTask: (task) => {
       queue.push(task)
-      if (running) return
-      running = true
-      try {
-        for (let next = queue.shift(); next !== undefined; next = queue.shift()) next()
-      } finally {
-        running = false
-      }
+      if (!running) drain()
     },
     shouldYield: () => false
   }
