@@ -125,7 +125,7 @@ const sqlStateOf = (cause: Cause.Cause<unknown>): string | undefined => {
 }
 
 /** `db.namespace`: the database name, when the client says it (a PgClient's config does). */
-const namespaceOf = (client: SqlClient.SqlClient): string | undefined => {
+const readNamespace = (client: SqlClient.SqlClient): string | undefined => {
   const config = (client as { readonly config?: { readonly database?: unknown; readonly url?: unknown } }).config
   if (config === undefined) return undefined
   if (typeof config.database === "string") return config.database
@@ -137,6 +137,15 @@ const namespaceOf = (client: SqlClient.SqlClient): string | undefined => {
   } catch {
     return undefined
   }
+}
+
+/** Each client's `db.namespace`, read once: a client's config does not change. */
+const namespaces = new WeakMap<SqlClient.SqlClient, string | undefined>()
+const namespaceOf = (client: SqlClient.SqlClient): string | undefined => {
+  if (namespaces.has(client)) return namespaces.get(client)
+  const namespace = readNamespace(client)
+  namespaces.set(client, namespace)
+  return namespace
 }
 
 const isEnabled = (fiber: Fiber.RuntimeFiber<unknown, unknown>) => ({
