@@ -2,7 +2,8 @@
  * The most that sending `BEGIN` with the first statement can buy: the two statements of the flat case on a reserved
  * connection, autocommitted, then one `SELECT 1` where `COMMIT` was: three round trips and no transaction library at
  * all, against hand-written `BEGIN`/`COMMIT` (four round trips), `@effect/sql`'s `withTransaction` and this library
- * (three round trips). Reported as median per-round throughput ratios to hand-written.
+ * (three round trips), one after another and on 16 fibers sharing 8 connections. Reported as median per-round
+ * throughput ratios to hand-written and to `@effect/sql`.
  */
 import { SqlClient } from "@effect/sql"
 import { Effect } from "effect"
@@ -44,36 +45,54 @@ const contenders: ReadonlyArray<readonly [string, Effect.Effect<unknown, unknown
 
 const median = (values: ReadonlyArray<number>) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!
 
-/** Prints each contender's median per-round throughput ratio to hand-written. */
+/** The shapes the contenders run in: one after another, and on 16 fibers sharing the pool's 8 connections. */
+const shapes: ReadonlyArray<
+  readonly [
+    string,
+    (transaction: Effect.Effect<unknown, unknown, SqlClient.SqlClient>, n: number) => typeof transaction
+  ]
+> = [
+  ["flat, sequential (INSERT, SELECT)", (transaction, n) => Effect.repeatN(transaction, n - 1)],
+  [
+    "flat, 16 fibers / 8 connections",
+    (transaction, n) => Effect.forEach(Array.from({ length: n }), () => transaction, { concurrency: 16, discard: true })
+  ]
+]
+
+/** Prints each contender's median per-round throughput ratio to hand-written and to @effect/sql, for each shape. */
 export const roundTripFloor = (options: { readonly transactions: number; readonly rounds: number }) =>
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
     yield* sql`DROP TABLE IF EXISTS bench_floor`
     yield* sql`CREATE TABLE bench_floor (id bigint PRIMARY KEY, payload text NOT NULL)`
-    const runs = contenders.map(
-      ([, transaction]) =>
-        () =>
-          Effect.runPromise(
-            Effect.provideService(Effect.repeatN(transaction, options.transactions - 1), SqlClient.SqlClient, sql)
-          )
-    )
-    for (const run of runs) yield* Effect.promise(run)
-    const samples: Array<Array<number>> = contenders.map(() => [])
-    for (let round = 0; round < options.rounds; round++) {
-      for (let k = 0; k < runs.length; k++) {
-        const index = (k + round) % runs.length
-        const started = performance.now()
-        yield* Effect.promise(runs[index]!)
-        samples[index]!.push(performance.now() - started)
+    const rows: Array<ReadonlyArray<string>> = []
+    for (const [shapeName, shape] of shapes) {
+      const runs = contenders.map(
+        ([, transaction]) =>
+          () =>
+            Effect.runPromise(
+              Effect.provideService(shape(transaction, options.transactions), SqlClient.SqlClient, sql)
+            ).then(() => undefined)
+      )
+      for (const run of runs) yield* Effect.promise(run)
+      const samples: Array<Array<number>> = contenders.map(() => [])
+      for (let round = 0; round < options.rounds; round++) {
+        for (let k = 0; k < runs.length; k++) {
+          const index = (k + round) % runs.length
+          const started = performance.now()
+          yield* Effect.promise(runs[index]!)
+          samples[index]!.push(performance.now() - started)
+        }
+        yield* sql`TRUNCATE bench_floor`
       }
-      yield* sql`TRUNCATE bench_floor`
+      const ratio = (index: number, to: number) =>
+        `${median(samples[index]!.map((ms, round) => samples[to]![round]! / ms)).toFixed(2)}x`
+      contenders.forEach(([name], index) => {
+        rows.push([shapeName, name, ratio(index, 0), ratio(index, 1)])
+      })
     }
     yield* sql`DROP TABLE bench_floor`
-    const rows = contenders.map(([name], index) => [
-      name,
-      `${median(samples[index]!.map((ms, round) => samples[0]![round]! / ms)).toFixed(2)}x`
-    ])
-    const header = ["flat, sequential (INSERT, SELECT)", "throughput / hand-written"]
+    const header = ["case", "contender", "throughput / hand-written", "throughput / @effect/sql"]
     console.log(
       `\nThe round-trip floor: median of ${options.rounds} rounds of ${options.transactions} transactions each.\n`
     )
