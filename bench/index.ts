@@ -16,6 +16,7 @@ import { roundTripFloor } from "./floor.js"
 import { idempotencyCost } from "./idempotency.js"
 import { testIsolation } from "./isolation.js"
 import { stubCpu } from "./stub.js"
+import { wireCpu } from "./wire.js"
 
 if (process.argv.includes("--help")) {
   console.log(
@@ -24,7 +25,7 @@ if (process.argv.includes("--help")) {
       "  --quick          a short smoke run",
       "  --rounds N       rounds per case",
       '  --case NAME      only the cases whose name contains NAME: "flat", "nested", "contended bank", "contention",',
-      '                   "floor", "stub", "idempotency", "test isolation"'
+      '                   "floor", "stub", "wire", "idempotency", "test isolation"'
     ].join("\n")
   )
   process.exit(0)
@@ -306,6 +307,9 @@ const main = Effect.gen(function* () {
   }
   if (only === undefined || "stub".includes(only)) {
     yield* stubCpu(quick ? { transactions: 2000, rounds: 3 } : { transactions: 10_000, rounds: 7 })
+  }
+  if (only === undefined || "wire".includes(only)) {
+    yield* wireCpu(quick ? { transactions: 1000, rounds: 3 } : { transactions: 5000, rounds: 9 })
   }
   if (only === undefined || "idempotency".includes(only)) {
     yield* idempotencyCost({ rounds, transactions: quick ? 50 : 300 })
