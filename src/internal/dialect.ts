@@ -175,19 +175,23 @@ const makeStandIn = (real: PgQueryClient): StandIn => {
       const callback = args[last]
       if (typeof callback !== "function") return real.query(...args)
       running++
-      // node-postgres can answer a query twice (an error while binding its values, then ReadyForQuery).
+      // node-postgres can answer a query twice (an error while binding its values, then ReadyForQuery). It answers
+      // with an error, or with null and the result.
       let answered = false
-      args[last] = (...results: Array<unknown>) => {
+      args[last] = (error: unknown, result: unknown) => {
         if (answered) return
         answered = true
         ended()
-        return (callback as (...results: Array<unknown>) => unknown)(...results)
+        return (callback as (error: unknown, result: unknown) => unknown)(error, result)
       }
       const prefix = armed
       armed = undefined
-      const text = prefix === undefined ? undefined : textOf(args[0])
-      if (text === undefined || !text.startsWith(prefix!.text)) return real.query(...args)
-      return sendCarried(real, prefix!, text.slice(prefix!.text.length), args)
+      if (prefix === undefined) return real.query(...args)
+      const text = textOf(args[0])
+      // The text `carry` made, as it comes back unless something rewrote it on its way.
+      if (text === prefix.carried) return sendCarried(real, prefix, prefix.sql, args)
+      if (text === undefined || !text.startsWith(prefix.text)) return real.query(...args)
+      return sendCarried(real, prefix, text.slice(prefix.text.length), args)
     }
   }
   takenOver.set(standIn, real)
@@ -206,9 +210,10 @@ const makeStandIn = (real: PgQueryClient): StandIn => {
         }
       },
       carry: (statements, sql) => {
-        const prefix: Prefix = { text: `${statements.join("; ")}; `, statements, completed: 0 }
+        const text = `${statements.join("; ")}; `
+        const prefix: Prefix = { text, statements, sql, carried: text + sql, completed: 0 }
         armed = prefix
-        return { sql: prefix.text + sql, completed: () => prefix.completed }
+        return { sql: prefix.carried, completed: () => prefix.completed }
       }
     }
   }
@@ -222,6 +227,9 @@ interface PgQueryClient extends PgLikeClient {
 interface Prefix {
   readonly text: string
   readonly statements: ReadonlyArray<string>
+  /** The statement the control statements precede, and `text` followed by it. */
+  readonly sql: string
+  readonly carried: string
   completed: number
 }
 

@@ -25,15 +25,16 @@ import { sandboxError, sealedError } from "./sandbox.js"
 export const withHooksOfLast = <A, E, R>(
   transaction: Effect.Effect<A, E, R>,
   last: () => Frame | undefined
-): Effect.Effect<A, E, R> =>
-  Effect.onExit(transaction, (exit) => {
-    const frame = last()
-    if (frame === undefined || frame.hooks.length === 0) return Effect.void
-    const outcome = frame.declared === undefined ? frame.tx.outcome : frame.outcome
-    // A rollback the caller's interruption caused runs no hooks; a commit always runs its own.
-    if (outcome !== "committed" && Exit.isFailure(exit) && Cause.isInterrupted(exit.cause)) return Effect.void
-    return runHooks(frame, outcome)
-  })
+): Effect.Effect<A, E, R> => Effect.onExit(transaction, (exit) => hooksOfLast(exit, last()))
+
+/** The hooks due once a transaction whose last attempt opened `frame` has ended with `exit`: `withHooksOfLast`. */
+export const hooksOfLast = (exit: Exit.Exit<unknown, unknown>, frame: Frame | undefined): Effect.Effect<void> => {
+  if (frame === undefined || frame.hooks.length === 0) return Effect.void
+  const outcome = frame.declared === undefined ? frame.tx.outcome : frame.outcome
+  // A rollback the caller's interruption caused runs no hooks; a commit always runs its own.
+  if (outcome !== "committed" && Exit.isFailure(exit) && Cause.isInterrupted(exit.cause)) return Effect.void
+  return runHooks(frame, outcome)
+}
 
 /** An `afterCommit` or `afterRollback` effect, bound to the context it was registered in. */
 export interface Hook {

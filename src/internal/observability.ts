@@ -9,6 +9,7 @@
 import type * as SqlClient from "@effect/sql/SqlClient"
 import { SqlError } from "@effect/sql/SqlError"
 import * as Cause from "effect/Cause"
+import * as Clock from "effect/Clock"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
@@ -214,27 +215,43 @@ const endObservation = (observation: Observation, exit: Exit.Exit<unknown, unkno
 const spanOptions: Tracer.SpanOptions = { kind: "client", captureStackTrace: false }
 
 /**
- * Runs an outermost transaction (`run`, all its attempts and hooks) in its `sql.transaction` span and records its
- * metrics; `last` is the block of its last attempt, which says how it ended. The span becomes the parent of the
- * transaction's work where the block's services are provided.
+ * Runs an outermost transaction (`run`, all its attempts) in its `sql.transaction` span and records its metrics;
+ * `last` is the block of its last attempt, which says how it ended. `after` (its hooks) runs once it has ended,
+ * uninterruptibly, inside the span. The span becomes the parent of the transaction's work where the block's
+ * services are provided. One wait for the end does it all: the span is ended here rather than by `useSpan`.
  */
 export const observeOutermost = <A, E, R>(
   client: SqlClient.SqlClient,
   dialect: Dialect,
   options: Transaction.BeginOptions,
   last: () => Frame | undefined,
-  run: (observation: Observation | undefined) => Effect.Effect<A, E, R>
+  run: (observation: Observation | undefined) => Effect.Effect<A, E, R>,
+  after: (exit: Exit.Exit<A, E>, last: Frame | undefined) => Effect.Effect<void>
 ): Effect.Effect<A, E, R> =>
   Effect.withFiberRuntime((fiber) => {
     const enabled = isEnabled(fiber)
-    if (!enabled.spans && !enabled.metrics) return run(undefined)
+    if (!enabled.spans && !enabled.metrics) return Effect.onExit(run(undefined), (exit) => after(exit, last()))
     const started = performance.now()
     const observed = (span: Tracer.Span | undefined) => {
       const observation = startObservation(client, dialect, options, span, enabled.metrics, started)
-      return Effect.onExit(run(observation), (exit) => Effect.sync(() => endObservation(observation, exit, last())))
+      return Effect.onExit(run(observation), (exit) => {
+        const frame = last()
+        const end = Effect.sync(() => {
+          endObservation(observation, exit, frame)
+          if (span !== undefined && span.status._tag !== "Ended") {
+            const timing = fiber.getFiberRef(FiberRef.currentTracerTimingEnabled)
+            span.end(
+              timing ? Context.get(fiber.currentDefaultServices, Clock.Clock).unsafeCurrentTimeNanos() : 0n,
+              exit
+            )
+          }
+        })
+        const hooks = after(exit, frame)
+        return hooks === Effect.void ? end : Effect.zipRight(hooks, end)
+      })
     }
     if (!enabled.spans) return observed(undefined)
-    return Effect.useSpan("sql.transaction", spanOptions, observed)
+    return Effect.flatMap(Effect.makeSpan("sql.transaction", spanOptions), observed)
   })
 
 /** An observed transaction whose end is not the end of one effect: `end` records how it ended, once. */

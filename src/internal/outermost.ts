@@ -45,7 +45,7 @@ import {
 } from "./blocks.js"
 import { checkNestedOptions, deadlockTimeoutMillisOf, millisOf, validateOptions } from "./options.js"
 import { sealedError } from "./sandbox.js"
-import { withHooksOfLast } from "./hooks.js"
+import { hooksOfLast } from "./hooks.js"
 import {
   type Observation,
   observeCommitFailure,
@@ -470,8 +470,9 @@ const wholeCall = <A, E, R>(
           if (observation !== undefined) observation.attempts++
           return attempt(restore, limit, observation, opened)
         })
-        return withHooksOfLast(attempts(once, options, limit, turns, observation), () => last)
-      }
+        return attempts(once, options, limit, turns, observation)
+      },
+      hooksOfLast
     )
   })
 
