@@ -214,11 +214,19 @@ export const wireCpu = (options: { readonly transactions: number; readonly round
         samples[index]!.push((used.user + used.system) / options.transactions)
       }
     }
-    const rows = contenders.map(([name], index) => {
-      const sorted = [...samples[index]!].sort((a, b) => a - b)
-      return [name, sorted[Math.floor(sorted.length / 2)]!.toFixed(1)]
-    })
-    const header = ["node-postgres against a wire-protocol stub", "CPU µs per transaction (INSERT, SELECT)"]
+    const median = (values: ReadonlyArray<number>) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!
+    // The ratio within each round is steadier than either figure alone: a busy machine slows a whole round.
+    const effectSql = contenders.findIndex(([name]) => name.startsWith("@effect/sql"))
+    const rows = contenders.map(([name], index) => [
+      name,
+      median(samples[index]!).toFixed(1),
+      `${median(samples[index]!.map((cpu, round) => cpu / samples[effectSql]![round]!)).toFixed(3)}x`
+    ])
+    const header = [
+      "node-postgres against a wire-protocol stub",
+      "CPU µs per transaction (INSERT, SELECT)",
+      "CPU / @effect/sql's, per round"
+    ]
     console.log(
       `\nCPU per transaction on the driver's path with no database (an in-process wire-protocol stub), median of ` +
         `${options.rounds} rounds of ${options.transactions} transactions.\n`

@@ -247,7 +247,8 @@ export const observeOutermost = <A, E, R>(
           }
         })
         const hooks = after(exit, frame)
-        return hooks === Effect.void ? end : Effect.zipRight(hooks, end)
+        // Hooks report their own failures; a defect among them still leaves the span and metrics ended.
+        return hooks === Effect.void ? end : Effect.ensuring(hooks, end)
       })
     }
     if (!enabled.spans) return observed(undefined)
