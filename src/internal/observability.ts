@@ -237,13 +237,17 @@ export const observeOutermost = <A, E, R>(
       return Effect.onExit(run(observation), (exit) => {
         const frame = last()
         const end = Effect.sync(() => {
-          endObservation(observation, exit, frame)
-          if (span !== undefined && span.status._tag !== "Ended") {
-            const timing = fiber.getFiberRef(FiberRef.currentTracerTimingEnabled)
-            span.end(
-              timing ? Context.get(fiber.currentDefaultServices, Clock.Clock).unsafeCurrentTimeNanos() : 0n,
-              exit
-            )
+          try {
+            endObservation(observation, exit, frame)
+          } finally {
+            // Ended whatever the tracer's attribute calls did.
+            if (span !== undefined && span.status._tag !== "Ended") {
+              const timing = fiber.getFiberRef(FiberRef.currentTracerTimingEnabled)
+              span.end(
+                timing ? Context.get(fiber.currentDefaultServices, Clock.Clock).unsafeCurrentTimeNanos() : 0n,
+                exit
+              )
+            }
           }
         })
         const hooks = after(exit, frame)
