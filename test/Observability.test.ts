@@ -385,5 +385,83 @@ describe("spans and metrics", () => {
         assert.strictEqual(spans.filter((span) => span.name === "sql.transaction").length, 0)
       })
     )
+
+    it.effect(
+      "off: with the tracer disabled and MetricsEnabled false, afterCommit and afterRollback hooks still run",
+      () =>
+        Effect.gen(function* () {
+          yield* items
+          const ran: Array<string> = []
+          const off = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+            effect.pipe(Effect.provideService(Transaction.MetricsEnabled, false), Effect.withTracerEnabled(false))
+          const committed = yield* off(
+            Effect.exit(
+              Transaction.afterCommit(Effect.sync(() => ran.push("afterCommit"))).pipe(
+                Effect.zipRight(insert(1)),
+                Transaction.withTransaction()
+              )
+            )
+          )
+          const rolledBack = yield* off(
+            Effect.exit(
+              Transaction.afterRollback(Effect.sync(() => ran.push("afterRollback"))).pipe(
+                Effect.zipRight(insert(2)),
+                Effect.zipRight(Effect.fail("body failed")),
+                Transaction.withTransaction()
+              )
+            )
+          )
+          assert.isTrue(Exit.isSuccess(committed))
+          assert.isTrue(Exit.isFailure(rolledBack))
+          assert.deepStrictEqual(ran, ["afterCommit", "afterRollback"])
+        })
+    )
+
+    it.effect("the transaction's span ends once, after its hooks ran and recorded their failures on it", () =>
+      Effect.gen(function* () {
+        yield* items
+        const log: Array<string> = []
+        const tracer = Tracer.make({
+          span: (name, parent, context, links, startTime, kind) => {
+            let status: Tracer.SpanStatus = { _tag: "Started", startTime }
+            return {
+              _tag: "Span",
+              name,
+              spanId: `span-${log.length}`,
+              traceId: "trace",
+              parent,
+              context,
+              get status() {
+                return status
+              },
+              attributes: new Map(),
+              links,
+              sampled: true,
+              kind,
+              end: (endTime, exit) => {
+                if (name === "sql.transaction") log.push("end")
+                status = { _tag: "Ended", startTime, endTime, exit }
+              },
+              attribute: () => {},
+              event: (event) => {
+                if (name === "sql.transaction") log.push(status._tag === "Ended" ? `${event} after end` : event)
+              },
+              addLinks: () => {}
+            }
+          },
+          context: (f) => f()
+        })
+        const exit = yield* Effect.exit(
+          Transaction.afterCommit(Effect.fail("hook")).pipe(
+            Effect.zipRight(insert(1)),
+            Transaction.withTransaction(),
+            Effect.provideService(Transaction.HookFailureHandler, () => Effect.void),
+            Effect.withTracer(tracer)
+          )
+        )
+        assert.isTrue(Exit.isSuccess(exit))
+        assert.deepStrictEqual(log, ["db.transaction.hook_failed", "end"])
+      })
+    )
   })
 })
