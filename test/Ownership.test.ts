@@ -283,6 +283,33 @@ for (const pool of [1, 2]) {
         })
       )
 
+      it.effect("waiters interrupted while they wait in their own fiber give every connection back to the pool", () =>
+        Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          // After the pool's first answers, transactions without acquireTimeout or timeout wait in their own fiber.
+          yield* servedPromptly
+          yield* servedPromptly
+          for (let round = 0; round < 3; round++) {
+            const holders = yield* holdAll(pool)
+            const waiters = yield* Effect.forEach(
+              Array.from({ length: 50 }, (_, i) => i),
+              () => Effect.fork(sql`SELECT 1`.pipe(Transaction.withTransaction())),
+              { concurrency: "unbounded" }
+            )
+            yield* Effect.sleep("50 millis")
+            const [, ms] = yield* elapsed(
+              Effect.forEach(waiters, Fiber.interrupt, { concurrency: "unbounded", discard: true })
+            )
+            assert.isBelow(ms, 1000, `interrupting the waiters took ${ms} ms`)
+            yield* holders.release
+            // Every connection of the pool is back: as many transactions as connections hold one each at once.
+            const again = yield* holdAll(pool)
+            yield* again.release
+          }
+          yield* servedPromptly
+        }).pipe(bounded)
+      )
+
       it.effect("a backend terminated during COMMIT: a typed error, and the pool recovers", () =>
         Effect.gen(function* () {
           yield* slowCommitTable(2)

@@ -12,9 +12,11 @@ import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Duration from "effect/Duration"
 import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
 import * as FiberId from "effect/FiberId"
 import * as FiberRef from "effect/FiberRef"
 import * as FiberRefs from "effect/FiberRefs"
+import * as Option from "effect/Option"
 import * as Runtime from "effect/Runtime"
 import * as Schedule from "effect/Schedule"
 import type * as Scheduler from "effect/Scheduler"
@@ -185,8 +187,14 @@ const acquireTimeoutError = (millis: number, holding: boolean) =>
 
 /**
  * Reserves a connection into `scope`. @effect/sql-pg loses a pooled client whose reservation is interrupted while it
- * waits, so another fiber waits for it, while this one may give up (at `acquireTimeout` or the `timeout` deadline) or
- * be interrupted; a connection that arrives later is released at once, as its scope has closed by then.
+ * waits (the pool's answer comes to a fiber that no longer listens), so the wait must not simply be interrupted.
+ * Two ways keep the client:
+ * - In the caller's fiber, once the client is known to register its release with the reservation's scope as soon
+ *   as the connection arrives (`caught`): an interrupted wait leaves that release to the scope's stand-in, which
+ *   runs it when the connection comes. Waiting costs nothing more than @effect/sql's own reservation.
+ * - In another fiber, which waits while this one may give up (at `acquireTimeout` or the `timeout` deadline, which
+ *   an in-fiber wait cannot keep) or be interrupted; a connection that arrives later is released at once, as its
+ *   scope has closed by then. A client's first reservations go this way until it is known.
  */
 export const reserve = (
   client: SqlClient.SqlClient,
@@ -203,59 +211,172 @@ export const reserve = (
   // The `timeout` option bounds the wait for a connection too.
   const byDeadline = remaining !== undefined && (acquireMillis === undefined || remaining < acquireMillis)
   const millis = byDeadline ? remaining : acquireMillis
-  const failed = (cause: Cause.Cause<unknown>): Effect.Effect<never, TransactionError> =>
-    Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause)))
   const gaveUp = (): TransactionError =>
     byDeadline
       ? timeoutError("The transaction", limit!.timeoutMillis, "it was still waiting for a pooled connection")
       : acquireTimeoutError(millis!, holding)
   return Effect.withFiberRuntime((fiber) => {
     const waited = connectionWait(fiber)
-    // Started at once: a reservation the pool answers synchronously costs no wait.
-    const waiting = Runtime.runFork(
-      Runtime.make({
-        context: Context.make(Scope.Scope, scope),
-        fiberRefs: reservationRefs,
-        runtimeFlags: Runtime.defaultRuntimeFlags
-      })
-    )(client.reserve)
-    const done = waiting.unsafePoll()
-    if (done !== null) {
-      waited?.()
-      return Exit.isSuccess(done) ? Effect.succeed(done.value) : failed(done.cause)
-    }
-    // One wait for the reservation's end, or for `millis`: the fiber is observed directly (Fiber.await would ask
-    // it to add the observer in a turn of its own) and the timer needs no fiber either.
-    return restore(
-      Effect.async<Connection, TransactionError>((resume) => {
-        let timer: ReturnType<typeof setTimeout> | undefined
-        let ended = false
-        const end = (result: Effect.Effect<Connection, TransactionError>) => {
-          if (ended) return
-          ended = true
-          if (timer !== undefined) clearTimeout(timer)
-          waiting.removeObserver(observer)
-          waited?.()
-          resume(result)
-        }
-        const observer = (exit: Exit.Exit<Connection, unknown>) =>
-          end(Exit.isSuccess(exit) ? Exit.succeed(exit.value) : failed(exit.cause))
-        waiting.addObserver(observer)
-        if (millis !== undefined) {
-          // A timer fires after at most MAX_TIMER_MILLIS (a longer delay would fire at once): re-armed until then.
-          const until = Date.now() + millis
-          const arm = () => {
-            const left = until - Date.now()
-            if (left <= 0) end(Effect.fail(gaveUp()))
-            else timer = setTimeout(arm, Math.min(MAX_TIMER_MILLIS, left))
-          }
-          if (!ended) arm()
-        }
-        return Effect.sync(() => end(Effect.interrupt))
-      })
-    )
+    return millis === undefined && caught.has(client)
+      ? reserveInFiber(client, scope, restore, waited)
+      : reserveInAnotherFiber(client, scope, restore, waited, millis, gaveUp)
   })
 }
+
+const reservationFailed = (cause: Cause.Cause<unknown>): Effect.Effect<never, TransactionError> =>
+  Cause.isInterruptedOnly(cause) ? Effect.interrupt : Effect.fail(reserveFailed(Cause.squash(cause)))
+
+/**
+ * The clients whose reservation was seen to register the connection's release with the reservation's scope from
+ * the pool's callback, before handing the connection to the waiting fiber: what `reserveInFiber` relies on.
+ */
+const caught = new WeakSet<SqlClient.SqlClient>()
+
+type Restore = <AX, EX, RX>(effect: Effect.Effect<AX, EX, RX>) => Effect.Effect<AX, EX, RX>
+
+const reserveInFiber = (
+  client: SqlClient.SqlClient,
+  scope: Scope.Scope,
+  restore: Restore,
+  waited: (() => void) | undefined
+): Effect.Effect<Connection, TransactionError> => {
+  const standIn = catching(scope)
+  return Effect.matchCauseEffect(restore(Effect.provideService(client.reserve, Scope.Scope, standIn.scope)), {
+    onFailure: (cause) => {
+      // Interrupted while it waited, or between the pool's answer and the fiber taking it: whatever release the
+      // driver has registered, or registers when the connection comes, runs then.
+      standIn.abandon()
+      waited?.()
+      return reservationFailed(cause)
+    },
+    onSuccess: (conn) => {
+      waited?.()
+      return Effect.succeed(conn)
+    }
+  })
+}
+
+const reserveInAnotherFiber = (
+  client: SqlClient.SqlClient,
+  scope: Scope.Scope,
+  restore: Restore,
+  waited: (() => void) | undefined,
+  millis: number | undefined,
+  gaveUp: () => TransactionError
+): Effect.Effect<Connection, TransactionError> => {
+  // The scope's stand-in tells whether this client's release can be caught, for its next reservations.
+  const standIn = catching(scope)
+  // Started at once: a reservation the pool answers synchronously costs no wait.
+  const waiting = Runtime.runFork(
+    Runtime.make({
+      context: Context.make(Scope.Scope, standIn.scope),
+      fiberRefs: reservationRefs,
+      runtimeFlags: Runtime.defaultRuntimeFlags
+    })
+  )(client.reserve)
+  const done = waiting.unsafePoll()
+  if (done !== null) {
+    waited?.()
+    return Exit.isSuccess(done) ? Effect.succeed(done.value) : reservationFailed(done.cause)
+  }
+  // One wait for the reservation's end, or for `millis`: the fiber is observed directly (Fiber.await would ask it
+  // to add the observer in a turn of its own) and the timer needs no fiber either.
+  return restore(
+    Effect.async<Connection, TransactionError>((resume) => {
+      let timer: ReturnType<typeof setTimeout> | undefined
+      let ended = false
+      const end = (result: Effect.Effect<Connection, TransactionError>) => {
+        if (ended) return
+        ended = true
+        if (timer !== undefined) clearTimeout(timer)
+        waiting.removeObserver(observer)
+        waited?.()
+        resume(result)
+      }
+      const observer = (exit: Exit.Exit<Connection, unknown>) => {
+        if (Exit.isSuccess(exit) && standIn.caughtOutside(waiting)) caught.add(client)
+        end(Exit.isSuccess(exit) ? Exit.succeed(exit.value) : reservationFailed(exit.cause))
+      }
+      waiting.addObserver(observer)
+      if (millis !== undefined) {
+        // A timer fires after at most MAX_TIMER_MILLIS (a longer delay would fire at once): re-armed until then.
+        const until = Date.now() + millis
+        const arm = () => {
+          const left = until - Date.now()
+          if (left <= 0) end(Effect.fail(gaveUp()))
+          else timer = setTimeout(arm, Math.min(MAX_TIMER_MILLIS, left))
+        }
+        if (!ended) arm()
+      }
+      return Effect.sync(() => end(Effect.interrupt))
+    })
+  )
+}
+
+type Finalizer = Scope.Scope.Finalizer
+
+/** How `Scope.addFinalizer` adds a finalizer to a scope: the method each scope has (it is not in Effect's typings). */
+interface Adding {
+  readonly addFinalizer: (finalizer: Finalizer) => Effect.Effect<void>
+}
+
+/**
+ * A stand-in for a reservation's scope that sees each finalizer the driver adds (@effect/sql-pg adds the
+ * connection's release in the pool's callback, before it resumes the waiting fiber) and adds it to `scope` only
+ * when the fiber that reserves takes the connection. If that fiber stops waiting first (`abandon`), the finalizers
+ * it did not take run instead, at once or when the driver adds them.
+ */
+const catching = (scope: Scope.Scope) => {
+  const added: Array<{ readonly finalizer: Finalizer; taken: boolean }> = []
+  /** The fiber running when each finalizer was added. */
+  const addedIn: Array<Fiber.RuntimeFiber<unknown, unknown> | undefined> = []
+  let abandoned = false
+  const addFinalizer = (finalizer: Finalizer): Effect.Effect<void> => {
+    if (abandoned) {
+      releaseAbandoned(finalizer)
+      return Effect.void
+    }
+    const entry = { finalizer, taken: false }
+    added.push(entry)
+    addedIn.push(Option.getOrUndefined(Fiber.getCurrentFiber()))
+    // Taken as one step: either the scope has it, or `abandon` runs it, never both.
+    return Effect.uninterruptible(
+      Effect.suspend(() => {
+        if (abandoned) return Effect.void
+        return Effect.tap((scope as unknown as Adding).addFinalizer(finalizer), () => {
+          entry.taken = true
+        })
+      })
+    )
+  }
+  // Everything but `addFinalizer` is the scope's own, so that the stand-in behaves as the scope in every other way.
+  const standIn = new Proxy(scope, {
+    get: (target, property) => {
+      if (property === "addFinalizer") return addFinalizer
+      const value: unknown = Reflect.get(target, property, target)
+      return typeof value === "function" ? value.bind(target) : value
+    }
+  })
+  return {
+    scope: standIn,
+    abandon: () => {
+      abandoned = true
+      for (const entry of added) if (!entry.taken) releaseAbandoned(entry.finalizer)
+    },
+    /** Whether every finalizer was added outside `reserving` (in the pool's callback), and taken. */
+    caughtOutside: (reserving: Fiber.RuntimeFiber<unknown, unknown>) =>
+      added.length > 0 && added.every((entry) => entry.taken) && addedIn.every((fiber) => fiber !== reserving)
+  }
+}
+
+/**
+ * Runs the release of a connection nobody waits for any more, through `immediate`: released in the pool's callback,
+ * the connection goes straight to the pool's next waiter, which may have given up too.
+ */
+const releaseAbandoned = (finalizer: Finalizer) =>
+  immediate.scheduleTask(() => {
+    Effect.runFork(finalizer(Exit.interrupt(FiberId.none)))
+  }, 0)
 
 /**
  * Runs a reservation's tasks as soon as they are scheduled, in the pool's callback, rather than in a later turn of
