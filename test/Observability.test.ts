@@ -17,6 +17,7 @@ interface Recorded {
   readonly attributes: Map<string, unknown>
   readonly events: Array<{ readonly name: string; readonly attributes: Record<string, unknown> }>
   exit: Exit.Exit<unknown, unknown> | undefined
+  endTime: bigint | undefined
 }
 
 /** A tracer that keeps every span it makes, ended or not. */
@@ -32,7 +33,8 @@ const recordingTracer = () => {
         spanId: `span-${++next}`,
         attributes: new Map(),
         events: [],
-        exit: undefined
+        exit: undefined,
+        endTime: undefined
       }
       spans.push(recorded)
       const span: Span = {
@@ -49,8 +51,9 @@ const recordingTracer = () => {
         links,
         sampled: true,
         kind,
-        end: (_, exit) => {
+        end: (endTime, exit) => {
           recorded.exit = exit
+          recorded.endTime = endTime
         },
         attribute: (key, value) => {
           recorded.attributes.set(key, value)
@@ -312,6 +315,22 @@ describe("spans and metrics", () => {
         assert.strictEqual((yield* committed) - before.committed, 1)
         assert.strictEqual((yield* rolledBack) - before.rolledBack, 1)
       })
+    )
+
+    it.effect(
+      "with the tracer's timing off, transaction and Transaction.begin spans end at time 0, as Effect's do",
+      () =>
+        Effect.gen(function* () {
+          yield* items
+          const { tracer, named } = recordingTracer()
+          yield* Effect.gen(function* () {
+            yield* insert(1).pipe(Transaction.withTransaction())
+            yield* Effect.scoped(Effect.flatMap(Transaction.begin(), (handle) => handle.run(insert(2))))
+            yield* Effect.void.pipe(Effect.withSpan("effect's own"))
+          }).pipe(Effect.withTracerTiming(false), Effect.withTracer(tracer))
+          const ends = [...named("sql.transaction"), ...named("effect's own")].map((span) => span.endTime)
+          assert.deepStrictEqual(ends, [0n, 0n, 0n])
+        })
     )
 
     it.effect("an interrupted Transaction.begin never leaves its span open or the active gauge raised", () =>

@@ -241,13 +241,7 @@ export const observeOutermost = <A, E, R>(
             endObservation(observation, exit, frame)
           } finally {
             // Ended whatever the tracer's attribute calls did.
-            if (span !== undefined && span.status._tag !== "Ended") {
-              const timing = fiber.getFiberRef(FiberRef.currentTracerTimingEnabled)
-              span.end(
-                timing ? Context.get(fiber.currentDefaultServices, Clock.Clock).unsafeCurrentTimeNanos() : 0n,
-                exit
-              )
-            }
+            endSpan(fiber, span, exit)
           }
         })
         const hooks = after(exit, frame)
@@ -258,6 +252,17 @@ export const observeOutermost = <A, E, R>(
     if (!enabled.spans) return observed(undefined)
     return Effect.flatMap(Effect.makeSpan("sql.transaction", spanOptions), observed)
   })
+
+/** Ends `span` as Effect ends its own spans: at the clock's time, or at 0 when the tracer's timing is off. */
+const endSpan = (
+  fiber: Fiber.RuntimeFiber<unknown, unknown>,
+  span: Tracer.Span | undefined,
+  exit: Exit.Exit<unknown, unknown>
+) => {
+  if (span === undefined || span.status._tag === "Ended") return
+  const timing = fiber.getFiberRef(FiberRef.currentTracerTimingEnabled)
+  span.end(timing ? Context.get(fiber.currentDefaultServices, Clock.Clock).unsafeCurrentTimeNanos() : 0n, exit)
+}
 
 /** An observed transaction whose end is not the end of one effect: `end` records how it ended, once. */
 export interface OpenObservation {
@@ -283,14 +288,16 @@ export const observeOpened = (
       observation.attempts = 1
       let ended = false
       const end = (exit: Exit.Exit<unknown, unknown>, last: Frame | undefined) =>
-        Effect.clockWith((clock) =>
-          Effect.sync(() => {
-            if (ended) return
-            ended = true
+        Effect.withFiberRuntime<void>((fiber) => {
+          if (ended) return Effect.void
+          ended = true
+          try {
             endObservation(observation, exit, last)
-            span?.end(clock.unsafeCurrentTimeNanos(), exit)
-          })
-        )
+          } finally {
+            endSpan(fiber, span, exit)
+          }
+          return Effect.void
+        })
       return { observation, end }
     }
     if (!enabled.spans) return Effect.succeed(observed(undefined))
