@@ -2,8 +2,8 @@
  * The wait for a pooled connection, against scripted clients whose pool answers when the test says so: an
  * interrupted wait never loses the connection nor releases it twice, whichever moment the interrupt lands, and
  * whether the client's reservation adds the connection's release from the pool's callback (as @effect/sql-pg's
- * does, which lets the wait run in the caller's fiber) or from the waiting fiber (which keeps it in a fiber of its
- * own). The same waits against PostgreSQL are in Ownership.test.ts.
+ * does, which lets the wait run in the caller's fiber), from the waiting fiber, or from a fiber the reservation forks
+ * (both of which keep the wait in a fiber of its own). The same waits against PostgreSQL are in Ownership.test.ts.
  */
 import type * as SqlClient from "@effect/sql/SqlClient"
 import type { Connection } from "@effect/sql/SqlConnection"
@@ -16,7 +16,7 @@ const bounded = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
   Effect.timeoutFail(effect, { duration: "10 seconds", onTimeout: () => "hang: the test did not finish within 10 s" })
 
 /** A client with a pool of one connection: each reservation waits until `answer` hands the connection over. */
-const scriptedClient = (releaseIn: "callback" | "fiber") => {
+const scriptedClient = (releaseIn: "callback" | "fiber" | "forked fiber") => {
   const waiting: Array<() => void> = []
   const state = { released: 0, handedOut: 0, chained: false }
   const conn = {} as Connection
@@ -36,16 +36,32 @@ const scriptedClient = (releaseIn: "callback" | "fiber") => {
             resume(Effect.as(Scope.addFinalizer(scope, release), conn))
           })
         })
-      : // As Effect.acquireRelease: the fiber adds the release once it has resumed with the connection.
-        Effect.acquireRelease(
-          Effect.async<Connection>((resume) => {
-            waiting.push(() => {
-              state.handedOut++
-              resume(Effect.succeed(conn))
-            })
-          }),
-          () => release
-        )
+      : releaseIn === "fiber"
+        ? // As Effect.acquireRelease: the fiber adds the release once it has resumed with the connection.
+          Effect.acquireRelease(
+            Effect.async<Connection>((resume) => {
+              waiting.push(() => {
+                state.handedOut++
+                resume(Effect.succeed(conn))
+              })
+            }),
+            () => release
+          )
+        : // The same, in a fiber the reservation forks and joins (as a timeout around it would).
+          Effect.flatMap(
+            Effect.fork(
+              Effect.acquireRelease(
+                Effect.async<Connection>((resume) => {
+                  waiting.push(() => {
+                    state.handedOut++
+                    resume(Effect.succeed(conn))
+                  })
+                }),
+                () => release
+              )
+            ),
+            Fiber.join
+          )
   const client = { reserve } as unknown as SqlClient.SqlClient
   const answer = () => {
     const next = waiting.shift()
@@ -87,9 +103,11 @@ const waitingReservation = (scripted: ReturnType<typeof scriptedClient>) =>
     return fiber
   })
 
-for (const releaseIn of ["callback", "fiber"] as const) {
-  describe(`a reservation whose release is added in the ${releaseIn === "callback" ? "pool's callback" : "waiting fiber"}`, () => {
-    it.effect("answered: the connection is released once, when the transaction's scope closes", () =>
+const where = { callback: "the pool's callback", fiber: "the waiting fiber", "forked fiber": "a fiber it forks" }
+
+for (const releaseIn of ["callback", "fiber", "forked fiber"] as const) {
+  describe(`a reservation whose release is added in ${where[releaseIn]}`, () => {
+    it.live("answered: the connection is released once, when the transaction's scope closes", () =>
       bounded(
         Effect.gen(function* () {
           const scripted = scriptedClient(releaseIn)
@@ -101,7 +119,7 @@ for (const releaseIn of ["callback", "fiber"] as const) {
       )
     )
 
-    it.effect("interrupted while it waits: the connection that comes later is released once", () =>
+    it.live("interrupted while it waits: the connection that comes later is released once", () =>
       bounded(
         Effect.gen(function* () {
           const scripted = scriptedClient(releaseIn)
@@ -122,7 +140,7 @@ for (const releaseIn of ["callback", "fiber"] as const) {
       )
     )
 
-    it.effect("interrupted after the pool answered, before the fiber took the connection: released once", () =>
+    it.live("interrupted after the pool answered, before the fiber took the connection: released once", () =>
       bounded(
         Effect.gen(function* () {
           const scripted = scriptedClient(releaseIn)
@@ -142,7 +160,7 @@ for (const releaseIn of ["callback", "fiber"] as const) {
       )
     )
 
-    it.effect("thousands of interrupted waiters, each answered inside the release of the one before: none lost", () =>
+    it.live("thousands of interrupted waiters, each answered inside the release of the one before: none lost", () =>
       bounded(
         Effect.gen(function* () {
           const scripted = scriptedClient(releaseIn)
@@ -162,3 +180,37 @@ for (const releaseIn of ["callback", "fiber"] as const) {
     )
   })
 }
+
+describe("a reservation whose release is added in the pool's callback, failing by itself", () => {
+  // Only a release added in the pool's callback can be seen after the reservation gave up: one the reservation's
+  // fiber adds is never added at all, and the driver itself has lost the connection.
+  it.live("a reservation that fails by itself (its own timeout) releases the connection that comes later", () =>
+    bounded(
+      Effect.gen(function* () {
+        const scripted = scriptedClient("callback")
+        yield* reserveAndRelease(scripted)
+        yield* reserveAndRelease(scripted)
+        const timingOut = {
+          reserve: Effect.timeoutFail(scripted.client.reserve, {
+            duration: "10 millis",
+            onTimeout: () => "gave up"
+          })
+        } as unknown as SqlClient.SqlClient
+        for (const acquireTimeout of [undefined, 5000]) {
+          const exit = yield* Effect.exit(
+            Effect.flatMap(Scope.make(), (scope) =>
+              Effect.uninterruptibleMask((restore) =>
+                reserve(timingOut, scope, acquireTimeout, false, restore, undefined)
+              )
+            )
+          )
+          assert.isTrue(Exit.isFailure(exit), "the reservation was meant to time out")
+          const released = scripted.state.released
+          scripted.answer()
+          yield* Effect.sleep("20 millis")
+          assert.strictEqual(scripted.state.released, released + 1, "the late connection was not released once")
+        }
+      })
+    )
+  )
+})

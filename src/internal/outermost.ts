@@ -277,7 +277,10 @@ const reserveInAnotherFiber = (
   const done = waiting.unsafePoll()
   if (done !== null) {
     waited?.()
-    return Exit.isSuccess(done) ? Effect.succeed(done.value) : reservationFailed(done.cause)
+    if (Exit.isSuccess(done)) return Effect.succeed(done.value)
+    // A reservation that failed may still get its connection later (from a pool it stopped waiting for).
+    standIn.abandon()
+    return reservationFailed(done.cause)
   }
   // One wait for the reservation's end, or for `millis`: the fiber is observed directly (Fiber.await would ask it
   // to add the observer in a turn of its own) and the timer needs no fiber either.
@@ -294,7 +297,8 @@ const reserveInAnotherFiber = (
         resume(result)
       }
       const observer = (exit: Exit.Exit<Connection, unknown>) => {
-        if (Exit.isSuccess(exit) && standIn.caughtOutside(waiting)) caught.add(client)
+        if (Exit.isFailure(exit)) standIn.abandon()
+        else if (standIn.caughtOutside(waiting)) caught.add(client)
         end(Exit.isSuccess(exit) ? Exit.succeed(exit.value) : reservationFailed(exit.cause))
       }
       waiting.addObserver(observer)
@@ -320,6 +324,13 @@ interface Adding {
   readonly addFinalizer: (finalizer: Finalizer) => Effect.Effect<void>
 }
 
+/** A finalizer the driver added, the fiber running when it did, and the fiber that took it to the scope (null: none). */
+interface Added {
+  readonly finalizer: Finalizer
+  readonly addedIn: Fiber.RuntimeFiber<unknown, unknown> | undefined
+  takenIn: Fiber.RuntimeFiber<unknown, unknown> | null
+}
+
 /**
  * A stand-in for a reservation's scope that sees each finalizer the driver adds (@effect/sql-pg adds the
  * connection's release in the pool's callback, before it resumes the waiting fiber) and adds it to `scope` only
@@ -327,24 +338,21 @@ interface Adding {
  * it did not take run instead, at once or when the driver adds them.
  */
 const catching = (scope: Scope.Scope) => {
-  const added: Array<{ readonly finalizer: Finalizer; taken: boolean }> = []
-  /** The fiber running when each finalizer was added. */
-  const addedIn: Array<Fiber.RuntimeFiber<unknown, unknown> | undefined> = []
+  const added: Array<Added> = []
   let abandoned = false
   const addFinalizer = (finalizer: Finalizer): Effect.Effect<void> => {
     if (abandoned) {
       releaseAbandoned(finalizer)
       return Effect.void
     }
-    const entry = { finalizer, taken: false }
+    const entry: Added = { finalizer, addedIn: Option.getOrUndefined(Fiber.getCurrentFiber()), takenIn: null }
     added.push(entry)
-    addedIn.push(Option.getOrUndefined(Fiber.getCurrentFiber()))
     // Taken as one step: either the scope has it, or `abandon` runs it, never both.
     return Effect.uninterruptible(
-      Effect.suspend(() => {
+      Effect.withFiberRuntime((fiber) => {
         if (abandoned) return Effect.void
         return Effect.tap((scope as unknown as Adding).addFinalizer(finalizer), () => {
-          entry.taken = true
+          entry.takenIn = fiber
         })
       })
     )
@@ -360,12 +368,17 @@ const catching = (scope: Scope.Scope) => {
   return {
     scope: standIn,
     abandon: () => {
+      if (abandoned) return
       abandoned = true
-      for (const entry of added) if (!entry.taken) releaseAbandoned(entry.finalizer)
+      for (const entry of added) if (entry.takenIn === null) releaseAbandoned(entry.finalizer)
     },
-    /** Whether every finalizer was added outside `reserving` (in the pool's callback), and taken. */
+    /**
+     * Whether the driver added every finalizer outside `reserving` (in the pool's callback) and `reserving` itself
+     * took each: so that a waiter of the caller's own fiber, interrupted at any point, still sees each one. A
+     * release added by another fiber of the reservation (a fork of it, a timeout around it) does not count.
+     */
     caughtOutside: (reserving: Fiber.RuntimeFiber<unknown, unknown>) =>
-      added.length > 0 && added.every((entry) => entry.taken) && addedIn.every((fiber) => fiber !== reserving)
+      added.length > 0 && added.every((entry) => entry.addedIn !== reserving && entry.takenIn === reserving)
   }
 }
 
