@@ -25,43 +25,28 @@ const scriptedClient = (releaseIn: "callback" | "fiber" | "forked fiber") => {
     state.released++
     if (state.chained && waiting.length > 0) waiting.shift()!()
   })
+  /** Waits until `answer` hands the connection over, then `resume`s. */
+  const handOut = (resume: () => void) =>
+    waiting.push(() => {
+      state.handedOut++
+      resume()
+    })
+  const connection = Effect.async<Connection>((resume) => {
+    handOut(() => resume(Effect.succeed(conn)))
+  })
   const reserve: Effect.Effect<Connection, never, Scope.Scope> =
     releaseIn === "callback"
       ? // As @effect/sql-pg: the release is added to the fiber's scope in the pool's callback, then the fiber resumes.
         Effect.async<Connection, never, Scope.Scope>((resume) => {
           const fiber = Option.getOrThrow(Fiber.getCurrentFiber())
           const scope = Context.unsafeGet(fiber.currentContext, Scope.Scope)
-          waiting.push(() => {
-            state.handedOut++
-            resume(Effect.as(Scope.addFinalizer(scope, release), conn))
-          })
+          handOut(() => resume(Effect.as(Scope.addFinalizer(scope, release), conn)))
         })
       : releaseIn === "fiber"
         ? // As Effect.acquireRelease: the fiber adds the release once it has resumed with the connection.
-          Effect.acquireRelease(
-            Effect.async<Connection>((resume) => {
-              waiting.push(() => {
-                state.handedOut++
-                resume(Effect.succeed(conn))
-              })
-            }),
-            () => release
-          )
+          Effect.acquireRelease(connection, () => release)
         : // The same, in a fiber the reservation forks and joins (as a timeout around it would).
-          Effect.flatMap(
-            Effect.fork(
-              Effect.acquireRelease(
-                Effect.async<Connection>((resume) => {
-                  waiting.push(() => {
-                    state.handedOut++
-                    resume(Effect.succeed(conn))
-                  })
-                }),
-                () => release
-              )
-            ),
-            Fiber.join
-          )
+          Effect.flatMap(Effect.fork(Effect.acquireRelease(connection, () => release)), Fiber.join)
   const client = { reserve } as unknown as SqlClient.SqlClient
   const answer = () => {
     const next = waiting.shift()
@@ -94,6 +79,18 @@ const reserveAndRelease = (scripted: ReturnType<typeof scriptedClient>) =>
     yield* Scope.close(scope, Exit.void)
   })
 
+/**
+ * A scripted client after two answered reservations: the first ones show how the client adds its release, and once
+ * that is known the next ones may wait in the caller's fiber.
+ */
+const knownClient = (releaseIn: Parameters<typeof scriptedClient>[0]) =>
+  Effect.gen(function* () {
+    const scripted = scriptedClient(releaseIn)
+    yield* reserveAndRelease(scripted)
+    yield* reserveAndRelease(scripted)
+    return scripted
+  })
+
 /** Forks a reservation and waits until it is waiting for the pool. */
 const waitingReservation = (scripted: ReturnType<typeof scriptedClient>) =>
   Effect.gen(function* () {
@@ -122,10 +119,7 @@ for (const releaseIn of ["callback", "fiber", "forked fiber"] as const) {
     it.live("interrupted while it waits: the connection that comes later is released once", () =>
       bounded(
         Effect.gen(function* () {
-          const scripted = scriptedClient(releaseIn)
-          // The first reservations show how the client adds its release; the next ones may wait in the caller's fiber.
-          yield* reserveAndRelease(scripted)
-          yield* reserveAndRelease(scripted)
+          const scripted = yield* knownClient(releaseIn)
           for (let i = 0; i < 3; i++) {
             const fiber = yield* waitingReservation(scripted)
             const exit = yield* Fiber.interrupt(fiber)
@@ -143,9 +137,7 @@ for (const releaseIn of ["callback", "fiber", "forked fiber"] as const) {
     it.live("interrupted after the pool answered, before the fiber took the connection: released once", () =>
       bounded(
         Effect.gen(function* () {
-          const scripted = scriptedClient(releaseIn)
-          yield* reserveAndRelease(scripted)
-          yield* reserveAndRelease(scripted)
+          const scripted = yield* knownClient(releaseIn)
           for (let i = 0; i < 3; i++) {
             const fiber = yield* waitingReservation(scripted)
             // The answer and the interrupt reach the fiber in the same turn, the answer first.
@@ -163,9 +155,7 @@ for (const releaseIn of ["callback", "fiber", "forked fiber"] as const) {
     it.live("thousands of interrupted waiters, each answered inside the release of the one before: none lost", () =>
       bounded(
         Effect.gen(function* () {
-          const scripted = scriptedClient(releaseIn)
-          yield* reserveAndRelease(scripted)
-          yield* reserveAndRelease(scripted)
+          const scripted = yield* knownClient(releaseIn)
           const fibers: Array<Fiber.RuntimeFiber<Scope.CloseableScope, unknown>> = []
           for (let i = 0; i < 5000; i++) fibers.push(yield* waitingReservation(scripted))
           yield* Effect.forEach(fibers, Fiber.interrupt, { discard: true })
@@ -187,9 +177,7 @@ describe("a reservation whose release is added in the pool's callback, failing b
   it.live("a reservation that fails by itself (its own timeout) releases the connection that comes later", () =>
     bounded(
       Effect.gen(function* () {
-        const scripted = scriptedClient("callback")
-        yield* reserveAndRelease(scripted)
-        yield* reserveAndRelease(scripted)
+        const scripted = yield* knownClient("callback")
         const timingOut = {
           reserve: Effect.timeoutFail(scripted.client.reserve, {
             duration: "10 millis",
