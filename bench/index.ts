@@ -48,8 +48,15 @@ interface Case {
   readonly effect: (contender: Contender) => Effect.Effect<void, unknown, SqlClient.SqlClient>
 }
 
-type Contender = "hand-written" | "@effect/sql" | "effect-transaction"
-const contenders: ReadonlyArray<Contender> = ["hand-written", "@effect/sql", "effect-transaction"]
+type Contender = "hand-written" | "@effect/sql" | "effect-transaction" | "effect-transaction, prepared"
+const contenders: ReadonlyArray<Contender> = [
+  "hand-written",
+  "@effect/sql",
+  "effect-transaction",
+  "effect-transaction, prepared"
+]
+/** `Transaction.PreparedStatements` for the "prepared" contender. */
+const PREPARED = 100
 
 let nextId = 1
 const ids = () => nextId++
@@ -113,6 +120,7 @@ const wrap = <A, E, R>(contender: Contender, body: Effect.Effect<A, E, R>): Wrap
     case "@effect/sql":
       return Effect.flatMap(SqlClient.SqlClient, (sql) => sql.withTransaction(body)) as Wrapped<R>
     case "effect-transaction":
+    case "effect-transaction, prepared":
       return Transaction.withTransaction(body) as Wrapped<R>
   }
 }
@@ -249,7 +257,14 @@ const main = Effect.gen(function* () {
     const names = ["raw pg", ...contenders]
     const samples: Record<string, Array<number>> = {}
     for (const name of names) samples[name] = []
-    const run = (name: string) => (name === "raw pg" ? c.raw(pool) : runEffect(c.effect(name as Contender)))
+    const run = (name: string) =>
+      name === "raw pg"
+        ? c.raw(pool)
+        : runEffect(
+            name === "effect-transaction, prepared"
+              ? Effect.provideService(c.effect(name), Transaction.PreparedStatements, PREPARED)
+              : c.effect(name as Contender)
+          )
     // Warm-up: JIT, prepared plans and pool connections for every contender.
     for (const name of names) yield* Effect.promise(() => run(name))
     // Each round runs every contender once, in a rotated order, so that drift on the machine hits all alike;
@@ -276,7 +291,10 @@ const main = Effect.gen(function* () {
       cell("@effect/sql"),
       cell("effect-transaction"),
       `${ratio("effect-transaction", samples["@effect/sql"]!)}x`,
-      `${ratio("effect-transaction", samples["raw pg"]!)}x`
+      `${ratio("effect-transaction", samples["raw pg"]!)}x`,
+      cell("effect-transaction, prepared"),
+      `${ratio("effect-transaction, prepared", samples["@effect/sql"]!)}x`,
+      `${ratio("effect-transaction, prepared", samples["raw pg"]!)}x`
     ])
   }
 
@@ -287,11 +305,14 @@ const main = Effect.gen(function* () {
     "@effect/sql withTransaction",
     "effect-transaction",
     "effect-transaction / @effect/sql",
-    "effect-transaction / raw pg"
+    "effect-transaction / raw pg",
+    `effect-transaction, PreparedStatements ${PREPARED}`,
+    "prepared / @effect/sql",
+    "prepared / raw pg"
   ]
   const lines = [header, header.map(() => "---"), ...rows].map((row) => `| ${row.join(" | ")} |`)
   console.log(
-    `\nThroughput, median of ${rounds} rounds; in brackets the median per-round throughput ratio to hand-written BEGIN/COMMIT on the same SqlClient; the last two columns are effect-transaction's median per-round ratios to @effect/sql's withTransaction and to raw pg.`
+    `\nThroughput, median of ${rounds} rounds; in brackets the median per-round throughput ratio to hand-written BEGIN/COMMIT on the same SqlClient; the ratio columns are effect-transaction's median per-round ratios to @effect/sql's withTransaction and to raw pg, without and with Transaction.PreparedStatements.`
   )
   console.log(
     `PostgreSQL: ${yield* sql<{ v: string }>`SHOW server_version`.pipe(Effect.map((r) => Object.values(r[0]!)[0]))}, pool of ${POOL} connections${quick ? ", quick run" : ""}.\n`

@@ -479,6 +479,51 @@ export interface MetricsEnabled {
 export const MetricsEnabled: Context.Reference<MetricsEnabled, boolean> = internal.MetricsEnabled
 
 /**
+ * The tag's identifier for the prepared statements setting.
+ *
+ * @since 0.1.0
+ * @category tags
+ * @example
+ * ```ts
+ * import type { Context } from "effect"
+ * import type { Transaction } from "effect-transaction"
+ *
+ * const statements: Context.Tag.Service<typeof Transaction.PreparedStatements> = 100
+ * ```
+ */
+export interface PreparedStatements {
+  readonly _: unique symbol
+}
+
+/**
+ * How many statements each pooled connection keeps prepared for the transactions of this library; 0 (the default)
+ * keeps none. With a positive number, a statement with parameters that a transaction runs is parsed once per
+ * connection, under a name, and only bound and executed from then on: PostgreSQL skips parsing and, after five
+ * runs, planning it (it keeps a generic plan when that costs no more than planning each run). The first that many
+ * distinct statements a connection runs are kept, for the connection's life. Read from the context of the fiber
+ * that opens the transaction; statements outside transactions are never prepared.
+ *
+ * What to know before turning it on (docs/options.md has more):
+ * - A prepared statement whose result columns change (`SELECT *` from a table that gained a column) fails once with
+ *   PostgreSQL's "cached plan must not change result type", on each connection that kept it; it is prepared again
+ *   the next time it runs.
+ * - A connection pooler in transaction mode must support prepared statements (PgBouncer 1.21 or later, with
+ *   `max_prepared_statements` set).
+ *
+ * @since 0.1.0
+ * @category tags
+ * @example
+ * ```ts
+ * import { Layer } from "effect"
+ * import { Transaction } from "effect-transaction"
+ *
+ * // Each connection keeps up to 200 statements prepared:
+ * const Prepared = Layer.succeed(Transaction.PreparedStatements, 200)
+ * ```
+ */
+export const PreparedStatements: Context.Reference<PreparedStatements, number> = internal.PreparedStatements
+
+/**
  * The Effect metrics every outermost transaction records (docs/observability.md describes each one and its tags).
  * Read them with `Metric.value` or `Metric.snapshot`, or export them with `@effect/opentelemetry`.
  *

@@ -304,10 +304,10 @@ export class Owned<C> {
   /**
    * Takes over cancelling from the driver, for a connection the engine reserved itself: statements then run in
    * the caller's fiber, with no fiber of their own. Not for a connection of a transaction other code opened, whose
-   * own statements would lose their driver's cancel.
+   * own statements would lose their driver's cancel. Up to `prepared` of its statements are kept prepared.
    */
-  takeOver(): void {
-    this.inFlight = this.dialect.takeOver(this.conn)
+  takeOver(prepared: number): void {
+    this.inFlight = this.dialect.takeOver(this.conn, prepared)
   }
 
   /**

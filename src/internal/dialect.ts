@@ -3,6 +3,7 @@ import type { SqlError } from "@effect/sql/SqlError"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Predicate from "effect/Predicate"
+import type * as Transaction from "../Transaction.js"
 import { sendCancelRequest } from "./pgCancel.js"
 import { splitStatements } from "./sqlScan.js"
 
@@ -66,9 +67,11 @@ export interface Dialect {
   readonly canCancel: (conn: Connection) => boolean
   /**
    * Takes over the cancelling of `conn`'s statements from its driver, when the driver allows it: an interrupted
-   * statement then only stops being waited for, and the returned `InFlight` says when it has really ended.
+   * statement then only stops being waited for, and the returned `InFlight` says when it has really ended. While
+   * the connection is taken over, statements with parameters run as statements the connection keeps prepared,
+   * up to `prepared` of them per connection (`Transaction.PreparedStatements`; 0 prepares none).
    */
-  readonly takeOver: (conn: Connection) => InFlight | undefined
+  readonly takeOver: (conn: Connection, prepared: number) => InFlight | undefined
   /**
    * Takes a transaction-scoped advisory lock on `key`: waits for it (`wait`), or returns whether it was free.
    * A string key is hashed to a 64-bit key by the database.
@@ -108,7 +111,10 @@ interface PgLikeClient {
   readonly port?: unknown
   readonly processID?: unknown
   readonly secretKey?: unknown
-  readonly connection?: { readonly stream?: { readonly destroy?: () => void } }
+  readonly connection?: {
+    readonly stream?: { readonly destroy?: () => void }
+    readonly parsedStatements?: Record<string, string>
+  }
 }
 
 const pgClientOf = (conn: Connection): PgLikeClient | undefined => {
@@ -127,10 +133,11 @@ const takenOver = new WeakMap<object, PgLikeClient>()
  * so that the driver has no cancel of its own to run when a statement is interrupted (its cancel takes a pooled
  * connection, and can stay queued and land on another transaction's statement). The engine cancels instead, out
  * of band, and the stand-in tells it whether a query is still in flight. The stand-in also sends the control
- * statements the engine asks to `carry` in the same round trip as the statement they precede (`sendCarried`).
+ * statements the engine asks to `carry` in the same round trip as the statement they precede, and runs statements
+ * as prepared statements of the connection when the transaction asks for them (`send`).
  * A pooled client keeps its stand-in from one reservation to the next.
  */
-const takeOver = (conn: Connection): InFlight | undefined => {
+const takeOver = (conn: Connection, prepared: number): InFlight | undefined => {
   const holder = conn as { pg?: unknown }
   const client = pgClientOf(conn)
   if (client === undefined || typeof (client as { query?: unknown }).query !== "function") return undefined
@@ -143,6 +150,7 @@ const takeOver = (conn: Connection): InFlight | undefined => {
     return undefined
   }
   made.disarm()
+  made.prepared.limit = prepared
   try {
     holder.pg = made.standIn
   } catch {
@@ -157,6 +165,7 @@ const standIns = new WeakMap<object, StandIn>()
 interface StandIn {
   readonly standIn: object
   readonly inFlight: InFlight
+  readonly prepared: StatementCache
   /** Forgets control statements armed for a statement that never reached the driver. */
   readonly disarm: () => void
 }
@@ -169,6 +178,7 @@ const makeStandIn = (real: PgQueryClient): StandIn => {
     if (running === 0) for (const resume of waiting.splice(0)) resume()
   }
   let armed: Prefix | undefined
+  const prepared = new StatementCache(real)
   const standIn = {
     query: (...args: Array<unknown>) => {
       const last = args.length - 1
@@ -186,17 +196,23 @@ const makeStandIn = (real: PgQueryClient): StandIn => {
       }
       const prefix = armed
       armed = undefined
-      if (prefix === undefined) return real.query(...args)
       const text = textOf(args[0])
+      if (text !== undefined) prepared.resetBy(text)
+      if (prefix === undefined) {
+        const statement = prepared.lookup(text, args)
+        return statement === undefined ? real.query(...args) : send(real, undefined, text!, args, statement)
+      }
       // The text `carry` made, as it comes back unless something rewrote it on its way.
-      if (text === prefix.carried) return sendCarried(real, prefix, prefix.sql, args)
+      if (text === prefix.carried) return send(real, prefix, prefix.sql, args, prepared.lookup(prefix.sql, args))
       if (text === undefined || !text.startsWith(prefix.text)) return real.query(...args)
-      return sendCarried(real, prefix, text.slice(prefix.text.length), args)
+      const sql = text.slice(prefix.text.length)
+      return send(real, prefix, sql, args, prepared.lookup(sql, args))
     }
   }
   takenOver.set(standIn, real)
   return {
     standIn,
+    prepared,
     disarm: () => {
       armed = undefined
     },
@@ -241,8 +257,9 @@ const textOf = (query: unknown): string | undefined => {
   return typeof text === "string" ? text : undefined
 }
 
-/** The parts of node-postgres' Query that `sendCarried` changes. */
+/** The parts of node-postgres' Query that `send` changes. */
 interface PgQuery {
+  name: string | undefined
   values: unknown
   queryMode: unknown
   prepare: (connection: PgWire) => void
@@ -253,17 +270,29 @@ interface PgWire {
   readonly parse: (message: { readonly text: string }) => void
   readonly bind: (message: object) => void
   readonly execute: (message: object) => void
+  /** node-postgres' record of the named statements the session has parsed, and of those whose Parse is in flight. */
+  readonly parsedStatements?: Record<string, string>
+  readonly submittedNamedStatements?: Record<string, string>
 }
 
 /**
- * Sends `prefix`'s statements and then the query `args` describe (its text being `text`), in one round trip when
- * the query is one statement: the extended protocol lets Parse/Bind/Execute of each control statement go ahead of
- * the query's own messages with a single Sync at the end, and after an error PostgreSQL skips every message until
- * that Sync, so nothing after a failed control statement runs. The answers to the control statements are counted
- * and kept from the query's result. A text of several statements (which the extended protocol refuses) waits for
- * the control statements' answer and is sent only if they all succeeded: two round trips.
+ * Sends the query `args` describe (its text being `text`), after `prefix`'s control statements when there are some,
+ * and as `statement`, prepared under its name, when it is given.
+ *
+ * With control statements it is one round trip when the query is one statement: the extended protocol lets
+ * Parse/Bind/Execute of each control statement go ahead of the query's own messages with a single Sync at the end,
+ * and after an error PostgreSQL skips every message until that Sync, so nothing after a failed control statement
+ * runs. The answers to the control statements are counted and kept from the query's result. A text of several
+ * statements (which the extended protocol refuses) waits for the control statements' answer and is sent only if they
+ * all succeeded: two round trips.
  */
-const sendCarried = (real: PgQueryClient, prefix: Prefix, text: string, args: Array<unknown>): unknown => {
+const send = (
+  real: PgQueryClient,
+  prefix: Prefix | undefined,
+  text: string,
+  args: Array<unknown>,
+  statement: Prepared | undefined
+): unknown => {
   const callback = args[args.length - 1] as (error: unknown, result?: unknown) => void
   const first = args[0]
   // A string is given on as one (node-postgres copies a config object, property by property).
@@ -272,32 +301,165 @@ const sendCarried = (real: PgQueryClient, prefix: Prefix, text: string, args: Ar
   const Query = (real.constructor as { readonly Query?: new (...args: Array<unknown>) => PgQuery }).Query
   const given = values ?? (typeof config === "string" ? undefined : (config as { readonly values?: unknown }).values)
   const hasValues = Array.isArray(given) && given.length > 0
-  if (Query !== undefined && (hasValues || splitStatements(text).length === 1)) {
-    const query = new Query(config, values, callback)
+  if (Query !== undefined && (hasValues || (prefix !== undefined && splitStatements(text).length === 1))) {
+    let run: Run | undefined
+    const answer =
+      statement === undefined
+        ? callback
+        : (error: unknown, result?: unknown) => {
+            // Only the first answer counts (node-postgres can answer twice, see the stand-in's `query`).
+            if (run !== undefined) statement.owner.answered(statement, run, error)
+            run = undefined
+            return callback(error, result)
+          }
+    const query = new Query(config, values, answer)
     // Without values node-postgres would use the simple protocol, which cannot follow messages awaiting a Sync.
     if (!Array.isArray(query.values) || query.values.length === 0) query.queryMode = "extended"
     const prepare = query.prepare
     query.prepare = function (connection) {
-      for (const statement of prefix.statements) {
-        connection.parse({ text: statement })
-        connection.bind({})
-        connection.execute({})
+      if (prefix !== undefined) {
+        for (const control of prefix.statements) {
+          connection.parse({ text: control })
+          connection.bind({})
+          connection.execute({})
+        }
       }
-      return prepare.call(this, connection)
+      // Known before node-postgres prepares: a value it cannot send fails the query from inside `prepare`.
+      run = statement === undefined ? undefined : statement.owner.use(statement, connection)
+      if (run === undefined) return prepare.call(this, connection)
+      this.name = statement!.name
+      try {
+        prepare.call(this, connection)
+      } finally {
+        // The record is the engine's to keep for its names: node-postgres would mark the name parsed on the first
+        // ParseComplete of the round trip, which may be a control statement's.
+        this.name = undefined
+        delete connection.submittedNamedStatements?.[statement!.name]
+      }
     }
-    const complete = query.handleCommandComplete
-    query.handleCommandComplete = function (message, connection) {
-      if (prefix.completed < prefix.statements.length) prefix.completed++
-      else complete.call(this, message, connection)
+    if (prefix !== undefined) {
+      const complete = query.handleCommandComplete
+      query.handleCommandComplete = function (message, connection) {
+        if (prefix.completed < prefix.statements.length) prefix.completed++
+        else complete.call(this, message, connection)
+      }
     }
     return real.query(query)
   }
+  if (prefix === undefined) return real.query(...args)
   return real.query(prefix.statements.join("; "), (error: unknown) => {
     if (error !== null && error !== undefined) return callback(error)
     prefix.completed = prefix.statements.length
     return args.length > 2 ? real.query(config, values, callback) : real.query(config, callback)
   })
 }
+
+/** Statements that end the session's prepared statements (some or all of them), whatever their names. */
+const sessionReset = /\b(?:DISCARD|DEALLOCATE)\b/i
+
+/** How a run used its prepared statement: bound to it as parsed before, or parsed it first. */
+type Run = "bound" | "parsed"
+
+/** A statement a pooled connection keeps prepared under a name of its own. */
+interface Prepared {
+  readonly owner: StatementCache
+  readonly name: string
+  readonly text: string
+  /** `parsing` while the run that parses it is in flight: another run sends it unnamed meanwhile. */
+  state: "new" | "parsing" | "parsed"
+}
+
+/**
+ * The statements one pooled node-postgres client keeps prepared, by their text. The first `limit` statements with
+ * parameters that its transactions run get a name each; a statement is parsed under its name the first time it
+ * runs, and only bound and executed from then on. A name is given up, and its text gets a new one the next time it
+ * runs, when a run of it fails in a way that may have ended the prepared statement (its Parse failed, or the
+ * session lost it, or PostgreSQL refuses it after the table's columns changed); names given up still count
+ * toward `limit` until the session's statements are reset (`DISCARD`, `DEALLOCATE`), so the session holds at most
+ * `limit` of them.
+ */
+class StatementCache {
+  /** `Transaction.PreparedStatements` as the transaction holding the connection read it; 0 names nothing. */
+  limit = 0
+  private names = 0
+  private held = 0
+  private readonly byText = new Map<string, Prepared>()
+
+  constructor(private readonly real: PgQueryClient) {}
+
+  /** The statement `args` would run as, if it is one to keep prepared. */
+  lookup(text: string | undefined, args: ReadonlyArray<unknown>): Prepared | undefined {
+    if (this.limit <= 0 || text === undefined || !preparable(args)) return undefined
+    const found = this.byText.get(text)
+    if (found !== undefined || this.held >= this.limit) return found
+    this.held++
+    const made: Prepared = { owner: this, name: `etx_${++this.names}`, text, state: "new" }
+    this.byText.set(text, made)
+    return made
+  }
+
+  /**
+   * How a query about to be prepared on `connection` uses `statement`: bound to it, or parsing it first (node-postgres
+   * parses a named statement unless its record says the session has it); unnamed while another run parses it.
+   */
+  use(statement: Prepared, connection: PgWire): Run | undefined {
+    const parsed = connection.parsedStatements
+    if (statement.state === "parsing" || parsed === undefined || connection.submittedNamedStatements === undefined) {
+      return undefined
+    }
+    if (statement.state === "parsed") {
+      parsed[statement.name] = statement.text
+      return "bound"
+    }
+    statement.state = "parsing"
+    return "parsed"
+  }
+
+  /** Records how a run that used `statement` ended. */
+  answered(statement: Prepared, run: Run, error: unknown): void {
+    if (error === null || error === undefined) {
+      if (run === "parsed" && statement.state === "parsing") {
+        statement.state = "parsed"
+        const parsed = this.real.connection?.parsedStatements
+        if (parsed !== undefined) parsed[statement.name] = statement.text
+      }
+      return
+    }
+    // The database's error about this run of a statement parsed before leaves the statement as it was.
+    if (run === "bound" && isDatabaseError(error) && error.code !== "26000" && error.code !== "0A000") return
+    this.forget(statement)
+  }
+
+  forget(statement: Prepared): void {
+    if (this.byText.get(statement.text) === statement) this.byText.delete(statement.text)
+    const parsed = this.real.connection?.parsedStatements
+    if (parsed !== undefined) delete parsed[statement.name]
+  }
+
+  /** Forgets every statement when `text` resets the session's prepared statements: none is left then. */
+  resetBy(text: string): void {
+    if (this.held === 0 || !sessionReset.test(text)) return
+    for (const statement of this.byText.values()) this.forget(statement)
+    this.held = 0
+  }
+}
+
+/** Whether a query given as `args` can run as a named statement: a text with parameters, nothing else of its own. */
+const preparable = (args: ReadonlyArray<unknown>): boolean => {
+  const first = args[0]
+  if (typeof first === "string") return args.length > 2 && Array.isArray(args[1]) && args[1].length > 0
+  if (!Predicate.isObject(first)) return false
+  const config = first as Record<string, unknown>
+  if (config.name !== undefined || config.rows !== undefined || config.portal !== undefined) return false
+  if (config.queryMode !== undefined) return false
+  const values = args.length > 2 ? args[1] : config.values
+  return Array.isArray(values) && values.length > 0
+}
+
+const isDatabaseError = (error: unknown): error is { readonly code: string } =>
+  Predicate.isObject(error) &&
+  typeof (error as { readonly code?: unknown }).code === "string" &&
+  typeof (error as { readonly severity?: unknown }).severity === "string"
 
 const plainBegin: ReadonlyArray<string> = ["BEGIN"]
 
@@ -425,6 +587,12 @@ export const postgres: Dialect = {
 
 /** PostgreSQL's transaction status indicator, sent with every ReadyForQuery: idle, in a transaction, or failed. */
 const transactionStatuses: Record<string, "idle" | "open" | "failed"> = { I: "idle", T: "open", E: "failed" }
+
+/** @internal How many statements each pooled connection keeps prepared for the engine's transactions. */
+export const PreparedStatements = Context.Reference<Transaction.PreparedStatements>()(
+  "effect-transaction/Transaction/PreparedStatements",
+  { defaultValue: () => 0 }
+)
 
 /** The dialect the engine uses; PostgreSQL unless a layer provides another. */
 export class CurrentDialect extends Context.Reference<CurrentDialect>()("effect-transaction/Dialect", {

@@ -24,7 +24,7 @@ import * as Scope from "effect/Scope"
 import type * as Tracer from "effect/Tracer"
 import type * as Transaction from "../Transaction.js"
 import { classify, databaseInfo, TransactionError } from "../TransactionError.js"
-import { type Characteristics, CurrentDialect, type Dialect } from "./dialect.js"
+import { type Characteristics, CurrentDialect, type Dialect, PreparedStatements } from "./dialect.js"
 import {
   abortedError,
   closeInner,
@@ -448,16 +448,22 @@ export const open = (
     idleTimeoutMillis: options.idleTimeout === undefined ? undefined : millisOf(options.idleTimeout)
   }
   const acquireMillis = options.acquireTimeout === undefined ? undefined : millisOf(options.acquireTimeout)
-  return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore, limit), (conn) => {
-    const tx = makeTx(client, conn, dialect, characteristics, mode)
-    // A connection the engine reserved: its statements' cancels are the engine's, not the driver's.
-    tx.owned.takeOver()
-    const frame = new Frame(tx, undefined, 0, undefined, dialect.begin(characteristics))
-    frame.deadlockTimeoutMillis = deadlockTimeoutMillisOf(options)
-    tx.stack.push(frame)
-    return Effect.succeed(frame)
+  return Effect.withFiberRuntime((fiber) => {
+    const prepared = preparedLimit(Context.get(fiber.currentContext, PreparedStatements))
+    return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore, limit), (conn) => {
+      const tx = makeTx(client, conn, dialect, characteristics, mode)
+      // A connection the engine reserved: its statements' cancels are the engine's, not the driver's.
+      tx.owned.takeOver(prepared)
+      const frame = new Frame(tx, undefined, 0, undefined, dialect.begin(characteristics))
+      frame.deadlockTimeoutMillis = deadlockTimeoutMillisOf(options)
+      tx.stack.push(frame)
+      return Effect.succeed(frame)
+    })
   })
 }
+
+/** `Transaction.PreparedStatements` as a count: a whole number, 0 for anything that is not a positive one. */
+const preparedLimit = (value: number): number => (value >= 1 ? Math.floor(Math.min(value, 1_000_000)) : 0)
 
 /** Gives the connection back to the pool, or destroys it when its state is unknown. */
 /** @internal */

@@ -1,0 +1,270 @@
+/**
+ * `Transaction.PreparedStatements`: a transaction's statements with parameters run as statements its pooled
+ * connection keeps prepared, parsed once per connection; whatever ends or breaks a prepared statement (its first run
+ * failing, the table's columns changing, a DEALLOCATE) costs at most one failed run, never a connection that keeps
+ * failing. One connection, so that every transaction meets the statements the one before it left.
+ */
+import { SqlClient, SqlError } from "@effect/sql"
+import { assert, describe, layer } from "@effect/vitest"
+import { Cause, Effect, Exit } from "effect"
+import { TestTransaction, Transaction } from "effect-transaction"
+import * as TestDatabase from "./utils/TestDatabase.js"
+
+interface PreparedRow {
+  readonly name: string
+  readonly statement: string
+  readonly runs: number
+}
+
+/** The statements the connection keeps prepared, read on it (a statement without parameters is never prepared). */
+const prepared = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+  sql<PreparedRow>`SELECT name, statement, (generic_plans + custom_plans)::int AS runs FROM pg_prepared_statements ORDER BY name`.pipe(
+    Effect.map((rows) => rows.map((row) => ({ name: row.name, statement: row.statement, runs: row.runs })))
+  )
+)
+
+const preparedNow = prepared.pipe(Transaction.withTransaction())
+
+const insertItem = (id: number, label: string) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO items (id, label) VALUES (${id}, ${label})`)
+
+const readItem = (id: number) =>
+  Effect.flatMap(
+    SqlClient.SqlClient,
+    (sql) => sql<{ id: number; label: string }>`SELECT id, label FROM items WHERE id = ${id}`
+  )
+
+const insertText = "INSERT INTO items (id, label) VALUES ($1, $2)"
+const readText = "SELECT id, label FROM items WHERE id = $1"
+
+/** The SQLSTATE of the database error a failed statement carries. */
+const codeOf = (exit: Exit.Exit<unknown, unknown>): unknown => {
+  if (!Exit.isFailure(exit)) return "succeeded"
+  const failure = Cause.squash(exit.cause)
+  let error: unknown = failure
+  while (error instanceof SqlError.SqlError || (error as { cause?: unknown })?.cause !== undefined) {
+    const code = (error as { code?: unknown }).code
+    if (typeof code === "string") return code
+    error = (error as { cause?: unknown }).cause
+  }
+  return (error as { code?: unknown })?.code
+}
+
+/** A fresh table, and no prepared statement left (DEALLOCATE through a transaction, which the engine sees). */
+const reset = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+  Effect.zipRight(sql`DEALLOCATE ALL`.pipe(Transaction.withTransaction()), sql`DROP TABLE IF EXISTS items`)
+).pipe(
+  Effect.zipRight(
+    Effect.flatMap(SqlClient.SqlClient, (sql) => sql`CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL)`)
+  ),
+  Effect.orDie
+)
+
+describe("Transaction.PreparedStatements", () => {
+  layer(TestDatabase.layer({ maxConnections: 1 }), { excludeTestServices: true })((it) => {
+    it.effect("a transaction's statements with parameters are parsed once per connection, then bound and run", () =>
+      Effect.gen(function* () {
+        yield* reset
+        for (let id = 1; id <= 3; id++) {
+          const rows = yield* Effect.zipRight(insertItem(id, `item ${id}`), readItem(id)).pipe(
+            Transaction.withTransaction()
+          )
+          assert.deepStrictEqual(rows, [{ id, label: `item ${id}` }])
+        }
+        const statements = yield* preparedNow
+        assert.deepStrictEqual(
+          statements.map(({ runs, statement }) => ({ runs, statement })),
+          [
+            { runs: 3, statement: insertText },
+            { runs: 3, statement: readText }
+          ]
+        )
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("by default nothing is prepared", () =>
+      Effect.gen(function* () {
+        yield* reset
+        yield* Effect.zipRight(insertItem(1, "one"), readItem(1)).pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(yield* preparedNow, [])
+      })
+    )
+
+    it.effect("a statement outside transactions is never prepared", () =>
+      Effect.gen(function* () {
+        yield* reset
+        yield* Effect.zipRight(insertItem(1, "one"), readItem(1))
+        assert.deepStrictEqual(yield* preparedNow, [])
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("each connection keeps at most as many statements as the setting says", () =>
+      Effect.gen(function* () {
+        yield* reset
+        for (let round = 0; round < 2; round++) {
+          for (let id = 1; id <= 4; id++) {
+            const rows = yield* Effect.flatMap(SqlClient.SqlClient, (sql) =>
+              sql.unsafe<{ k: number; id: number }>(`SELECT ${id} AS k, $1::int AS id`, [id])
+            ).pipe(Transaction.withTransaction())
+            assert.deepStrictEqual(rows, [{ k: id, id }])
+          }
+        }
+        const statements = yield* preparedNow
+        assert.deepStrictEqual(
+          statements.map(({ runs, statement }) => ({ runs, statement })),
+          [
+            { runs: 2, statement: "SELECT 1 AS k, $1::int AS id" },
+            { runs: 2, statement: "SELECT 2 AS k, $1::int AS id" }
+          ]
+        )
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
+    )
+
+    it.effect("a statement whose result columns changed fails once with the database's error, then runs again", () =>
+      Effect.gen(function* () {
+        yield* reset
+        const db = yield* TestDatabase.TestDatabase
+        const readAll = Effect.flatMap(SqlClient.SqlClient, (sql) => sql`SELECT * FROM items WHERE id = ${1}`)
+        yield* insertItem(1, "one").pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(yield* readAll.pipe(Transaction.withTransaction()), [{ id: 1, label: "one" }])
+        yield* db.outside("ALTER TABLE items ADD COLUMN extra int NOT NULL DEFAULT 7")
+        const changed = yield* Effect.exit(readAll.pipe(Transaction.withTransaction()))
+        assert.strictEqual(codeOf(changed), "0A000")
+        assert.deepStrictEqual(yield* readAll.pipe(Transaction.withTransaction()), [{ id: 1, label: "one", extra: 7 }])
+        assert.deepStrictEqual(yield* readAll.pipe(Transaction.withTransaction()), [{ id: 1, label: "one", extra: 7 }])
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("a statement whose first run failed is prepared afresh the next time", () =>
+      Effect.gen(function* () {
+        yield* reset
+        const readOther = Effect.flatMap(SqlClient.SqlClient, (sql) => sql`SELECT n FROM other WHERE n = ${1}`)
+        const missing = yield* Effect.exit(readOther.pipe(Transaction.withTransaction()))
+        assert.strictEqual(codeOf(missing), "42P01")
+        yield* Effect.flatMap(SqlClient.SqlClient, (sql) => sql`CREATE TABLE other AS SELECT 1 AS n`)
+        for (let run = 0; run < 3; run++) {
+          assert.deepStrictEqual(yield* readOther.pipe(Transaction.withTransaction()), [{ n: 1 }])
+        }
+        const statements = yield* preparedNow
+        assert.deepStrictEqual(
+          statements.map(({ runs, statement }) => ({ runs, statement })),
+          [{ runs: 3, statement: "SELECT n FROM other WHERE n = $1" }]
+        )
+        yield* Effect.flatMap(SqlClient.SqlClient, (sql) => sql`DROP TABLE other`)
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("a prepared statement's own failure (a duplicate key) keeps it prepared", () =>
+      Effect.gen(function* () {
+        yield* reset
+        yield* insertItem(1, "one").pipe(Transaction.withTransaction())
+        const before = yield* preparedNow
+        const duplicate = yield* Effect.exit(insertItem(1, "again").pipe(Transaction.withTransaction()))
+        assert.strictEqual(codeOf(duplicate), "23505")
+        yield* insertItem(2, "two").pipe(Transaction.withTransaction())
+        const after = yield* preparedNow
+        assert.strictEqual(after.length, 1)
+        assert.strictEqual(after[0]!.name, before[0]!.name)
+        assert.strictEqual(after[0]!.runs, 3)
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("DEALLOCATE ALL in a transaction: the statements are prepared again", () =>
+      Effect.gen(function* () {
+        yield* reset
+        yield* Effect.zipRight(insertItem(1, "one"), readItem(1)).pipe(Transaction.withTransaction())
+        yield* Effect.flatMap(SqlClient.SqlClient, (sql) => sql`DEALLOCATE ALL`).pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(yield* preparedNow, [])
+        assert.deepStrictEqual(yield* readItem(1).pipe(Transaction.withTransaction()), [{ id: 1, label: "one" }])
+        assert.deepStrictEqual(
+          (yield* preparedNow).map(({ runs, statement }) => ({ runs, statement })),
+          [{ runs: 1, statement: readText }]
+        )
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("a statement deallocated behind the engine's back fails once, then is prepared again", () =>
+      Effect.gen(function* () {
+        yield* reset
+        const sql = yield* SqlClient.SqlClient
+        yield* Effect.zipRight(insertItem(1, "one"), readItem(1)).pipe(Transaction.withTransaction())
+        // Outside any transaction: the pool's only connection, not through the engine.
+        yield* sql`DEALLOCATE ALL`
+        const lost = yield* Effect.exit(readItem(1).pipe(Transaction.withTransaction()))
+        assert.strictEqual(codeOf(lost), "26000")
+        assert.deepStrictEqual(yield* readItem(1).pipe(Transaction.withTransaction()), [{ id: 1, label: "one" }])
+        assert.deepStrictEqual(yield* readItem(1).pipe(Transaction.withTransaction()), [{ id: 1, label: "one" }])
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("a value that cannot be sent fails its statement, and the statement runs prepared afterwards", () =>
+      Effect.gen(function* () {
+        yield* reset
+        const circular: Record<string, unknown> = {}
+        circular.self = circular
+        const readLabel = (label: unknown) =>
+          Effect.flatMap(SqlClient.SqlClient, (sql) =>
+            sql.unsafe<{ id: number }>("SELECT id FROM items WHERE label = $1", [label as string])
+          )
+        // Not the transaction's first statement: that one carries BEGIN, and its failure closes the connection.
+        const afterRead = (label: unknown) =>
+          Effect.zipRight(readItem(1), readLabel(label)).pipe(Transaction.withTransaction())
+        yield* insertItem(1, "one").pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(yield* afterRead("one"), [{ id: 1 }])
+        const before = yield* preparedNow
+        const bad = yield* Effect.exit(afterRead(circular))
+        assert.isTrue(Exit.isFailure(bad))
+        const failure = Exit.isFailure(bad) ? (Cause.squash(bad.cause) as { readonly cause?: unknown }) : undefined
+        assert.include(String(failure?.cause), "circular structure")
+        assert.deepStrictEqual(yield* afterRead("one"), [{ id: 1 }])
+        assert.deepStrictEqual(yield* afterRead("one"), [{ id: 1 }])
+        // The same connection throughout: the statements it kept before are still there.
+        const after = yield* preparedNow
+        assert.includeDeepMembers(
+          after.map(({ name }) => name),
+          before.filter(({ statement }) => statement === insertText).map(({ name }) => name)
+        )
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("the same new statement twice at once on one connection: both run, the statement is parsed once", () =>
+      Effect.gen(function* () {
+        yield* reset
+        yield* Effect.all([insertItem(1, "one"), insertItem(2, "two")], { discard: true }).pipe(
+          Transaction.withTransaction()
+        )
+        const rows = yield* Effect.all([readItem(1), readItem(2), readItem(1)], { concurrency: "unbounded" }).pipe(
+          Transaction.withTransaction()
+        )
+        assert.deepStrictEqual(rows, [[{ id: 1, label: "one" }], [{ id: 2, label: "two" }], [{ id: 1, label: "one" }]])
+        const statements = yield* preparedNow
+        assert.deepStrictEqual(
+          statements.map(({ statement }) => statement),
+          [insertText, readText]
+        )
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("nested blocks and a test transaction run their statements prepared too, and roll back as before", () =>
+      Effect.gen(function* () {
+        yield* reset
+        yield* Effect.gen(function* () {
+          yield* insertItem(1, "one")
+          yield* Effect.exit(
+            Effect.zipRight(insertItem(2, "two"), Effect.fail("undo")).pipe(Transaction.withTransaction())
+          )
+          yield* insertItem(3, "three").pipe(Transaction.withTransaction())
+        }).pipe(Transaction.withTransaction())
+        const sql = yield* SqlClient.SqlClient
+        assert.deepStrictEqual(yield* sql`SELECT id FROM items ORDER BY id`, [{ id: 1 }, { id: 3 }])
+        const inTest = yield* Effect.zipRight(insertItem(4, "four"), readItem(4)).pipe(
+          Transaction.withTransaction(),
+          TestTransaction.isolate,
+          Effect.provide(TestTransaction.layer())
+        )
+        assert.deepStrictEqual(inTest, [{ id: 4, label: "four" }])
+        assert.deepStrictEqual(yield* sql`SELECT id FROM items ORDER BY id`, [{ id: 1 }, { id: 3 }])
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+  })
+})
