@@ -503,7 +503,7 @@ export interface PreparedStatements {
  * distinct statements a connection runs are kept, for the connection's life. Read from the context of the fiber
  * that opens the transaction; statements outside transactions are never prepared.
  *
- * What to know before turning it on (docs/options.md has more):
+ * What to know before turning it on (docs/performance.md has more):
  * - A prepared statement whose result columns change (`SELECT *` from a table that gained a column) fails once with
  *   PostgreSQL's "cached plan must not change result type", on each connection that kept it; it is prepared again
  *   the next time it runs.

@@ -2,7 +2,8 @@
  * A seeded, repeatable fault-injection run against a real PostgreSQL: many fibers run transactions with nested
  * blocks (some in parallel), random failures, statement errors, interruptions, time-outs (Effect.timeout around
  * the call, and the `timeout` option, often running out during a COMMIT slowed by a deferred trigger), terminated
- * backends, and interrupts followed at once by the backend being terminated; on pools of 8, 2 and 1 connections.
+ * backends, and interrupts followed at once by the backend being terminated; on pools of 8, 2 and 1 connections;
+ * half the transactions with `Transaction.PreparedStatements`.
  * Afterwards the ledger must show no partial write, no connection may be left in a transaction or lost, and a
  * fresh transaction must be served within 100 ms.
  *
@@ -248,7 +249,15 @@ for (const { pool: POOL, transactions, fibers } of runs) {
                 })
 
               const started = Date.now()
-              const results = yield* Effect.forEach(makePlans(transactions), runPlan, { concurrency: fibers })
+              // Half the transactions run their statements as statements the connection keeps prepared.
+              const results = yield* Effect.forEach(
+                makePlans(transactions),
+                (plan) =>
+                  plan.id % 2 === 0
+                    ? Effect.provideService(runPlan(plan), Transaction.PreparedStatements, 8)
+                    : runPlan(plan),
+                { concurrency: fibers }
+              )
               const elapsed = Date.now() - started
 
               // The ledger: every transaction is all there or not there at all, as its outcome says.
