@@ -181,13 +181,21 @@ const onReserved = (before: string | undefined, after: string) =>
     )
   )
 
-const contenders: ReadonlyArray<readonly [string, Effect.Effect<unknown, unknown, SqlClient.SqlClient>]> = [
+type Run = Effect.Effect<unknown, unknown, SqlClient.SqlClient>
+
+/** Each contender: its name, one transaction, and what its rounds run in (the context they read settings from). */
+const contenders: ReadonlyArray<readonly [string, Run, ((rounds: Run) => Run)?]> = [
   ["hand-written BEGIN/COMMIT (4 round trips)", onReserved("BEGIN", "COMMIT")],
   [
     "@effect/sql withTransaction (4 round trips)",
     Effect.flatMap(SqlClient.SqlClient, (sql) => sql.withTransaction(body))
   ],
   ["effect-transaction (3 round trips)", Transaction.withTransaction(body)],
+  [
+    "effect-transaction, PreparedStatements 100 (3 round trips)",
+    Transaction.withTransaction(body),
+    Effect.provideService(Transaction.PreparedStatements, 100)
+  ],
   ["no transaction, SELECT 1 for COMMIT (3 round trips)", onReserved(undefined, "SELECT 1")]
 ]
 
@@ -196,13 +204,10 @@ export const wireCpu = (options: { readonly transactions: number; readonly round
   Effect.gen(function* () {
     const context = yield* Layer.build(PgClient.layer({ host: "wire-stub", stream: () => new WireStub() }))
     const sql = Effect.runSync(Effect.provide(SqlClient.SqlClient, context))
-    const runs = contenders.map(
-      ([, transaction]) =>
-        () =>
-          Effect.runPromise(
-            Effect.provideService(Effect.repeatN(transaction, options.transactions - 1), SqlClient.SqlClient, sql)
-          )
-    )
+    const runs = contenders.map(([, transaction, around = (rounds: Run) => rounds]) => () => {
+      const rounds = around(Effect.repeatN(transaction, options.transactions - 1))
+      return Effect.runPromise(Effect.provideService(rounds, SqlClient.SqlClient, sql))
+    })
     for (const run of runs) yield* Effect.promise(run)
     const samples: Array<Array<number>> = contenders.map(() => [])
     for (let round = 0; round < options.rounds; round++) {

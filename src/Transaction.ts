@@ -500,13 +500,15 @@ export interface PreparedStatements {
  * keeps none. With a positive number, a statement with parameters that a transaction runs is parsed once per
  * connection, under a name, and only bound and executed from then on: PostgreSQL skips parsing and, after five
  * runs, planning it (it keeps a generic plan when that costs no more than planning each run). The first that many
- * distinct statements a connection runs are kept, for the connection's life. Read from the context of the fiber
- * that opens the transaction; statements outside transactions are never prepared.
+ * distinct statements a connection runs keep their names for the connection's life. Read from the context of the
+ * fiber that opens the transaction; statements outside transactions are never prepared.
  *
  * What to know before turning it on (docs/performance.md has more):
- * - A prepared statement whose result columns change (`SELECT *` from a table that gained a column) fails once with
- *   PostgreSQL's "cached plan must not change result type", on each connection that kept it; it is prepared again
- *   the next time it runs.
+ * - A schema change under a running app (a column's type changed, `SELECT *` from a table that gained a column) can
+ *   fail a prepared statement once per connection that kept it, with PostgreSQL's error; it is prepared afresh the
+ *   next time it runs.
+ * - An app that switches `search_path` between schemas whose tables differ (a schema per tenant) would see such a
+ *   failure at every switch: leave it off there.
  * - A connection pooler in transaction mode must support prepared statements (PgBouncer 1.21 or later, with
  *   `max_prepared_statements` set).
  *

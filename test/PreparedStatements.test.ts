@@ -98,28 +98,6 @@ describe("Transaction.PreparedStatements", () => {
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
     )
 
-    it.effect("each connection keeps at most as many statements as the setting says", () =>
-      Effect.gen(function* () {
-        yield* reset
-        for (let round = 0; round < 2; round++) {
-          for (let id = 1; id <= 4; id++) {
-            const rows = yield* Effect.flatMap(SqlClient.SqlClient, (sql) =>
-              sql.unsafe<{ k: number; id: number }>(`SELECT ${id} AS k, $1::int AS id`, [id])
-            ).pipe(Transaction.withTransaction())
-            assert.deepStrictEqual(rows, [{ k: id, id }])
-          }
-        }
-        const statements = yield* preparedNow
-        assert.deepStrictEqual(
-          statements.map(({ runs, statement }) => ({ runs, statement })),
-          [
-            { runs: 2, statement: "SELECT 1 AS k, $1::int AS id" },
-            { runs: 2, statement: "SELECT 2 AS k, $1::int AS id" }
-          ]
-        )
-      }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
-    )
-
     it.effect("a statement whose result columns changed fails once with the database's error, then runs again", () =>
       Effect.gen(function* () {
         yield* reset
@@ -183,18 +161,103 @@ describe("Transaction.PreparedStatements", () => {
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
     )
 
-    it.effect("a statement deallocated behind the engine's back fails once, then is prepared again", () =>
+    it.effect(
+      "statements deallocated behind the engine's back: one failed statement in all, then all prepared again",
+      () =>
+        Effect.gen(function* () {
+          yield* reset
+          const sql = yield* SqlClient.SqlClient
+          const reads = [1, 2, 3].map((k) =>
+            Effect.flatMap(SqlClient.SqlClient, (sql) =>
+              sql.unsafe(`SELECT ${k} AS k, label FROM items WHERE id = $1`, [1])
+            )
+          )
+          yield* insertItem(1, "one").pipe(Transaction.withTransaction())
+          yield* Effect.all(reads).pipe(Transaction.withTransaction())
+          // Outside any transaction: the pool's only connection, not through the engine.
+          yield* sql`DEALLOCATE ALL`
+          const lost = yield* Effect.exit(Effect.all(reads).pipe(Transaction.withTransaction()))
+          assert.strictEqual(codeOf(lost), "26000")
+          for (let run = 0; run < 2; run++) {
+            const rows = yield* Effect.all(reads).pipe(Transaction.withTransaction())
+            assert.deepStrictEqual(rows, [[{ k: 1, label: "one" }], [{ k: 2, label: "one" }], [{ k: 3, label: "one" }]])
+          }
+          assert.strictEqual((yield* preparedNow).length, 3)
+        }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("a column's type changed under a prepared statement: it fails at most once, then is prepared again", () =>
       Effect.gen(function* () {
         yield* reset
-        const sql = yield* SqlClient.SqlClient
-        yield* Effect.zipRight(insertItem(1, "one"), readItem(1)).pipe(Transaction.withTransaction())
-        // Outside any transaction: the pool's only connection, not through the engine.
-        yield* sql`DEALLOCATE ALL`
-        const lost = yield* Effect.exit(readItem(1).pipe(Transaction.withTransaction()))
-        assert.strictEqual(codeOf(lost), "26000")
-        assert.deepStrictEqual(yield* readItem(1).pipe(Transaction.withTransaction()), [{ id: 1, label: "one" }])
-        assert.deepStrictEqual(yield* readItem(1).pipe(Transaction.withTransaction()), [{ id: 1, label: "one" }])
+        const db = yield* TestDatabase.TestDatabase
+        yield* db.outside("CREATE TABLE coded (id int PRIMARY KEY, code int NOT NULL)")
+        yield* db.outside("INSERT INTO coded VALUES (1, 7)")
+        const byCode = (code: number | string) =>
+          Effect.flatMap(SqlClient.SqlClient, (sql) => sql`SELECT id FROM coded WHERE code = ${code}`).pipe(
+            Transaction.withTransaction()
+          )
+        const addCoded = (id: number, code: number | string) =>
+          Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO coded (id, code) VALUES (${id}, ${code})`).pipe(
+            Transaction.withTransaction()
+          )
+        assert.deepStrictEqual(yield* byCode(7), [{ id: 1 }])
+        yield* addCoded(2, 8)
+        yield* db.outside("ALTER TABLE coded ALTER COLUMN code TYPE text")
+        const failures: Array<unknown> = []
+        for (let run = 0; run < 4; run++) {
+          const exit = yield* Effect.exit(byCode("7"))
+          if (Exit.isFailure(exit)) failures.push(codeOf(exit))
+          else assert.deepStrictEqual(exit.value, [{ id: 1 }])
+        }
+        for (let id = 3; id < 7; id++) {
+          const exit = yield* Effect.exit(addCoded(id, `code ${id}`))
+          if (Exit.isFailure(exit)) failures.push(codeOf(exit))
+        }
+        assert.isAtMost(failures.length, 2, `failures: ${failures.join(", ")}`)
+        yield* db.outside("DROP TABLE coded")
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+    )
+
+    it.effect("a statement that only mentions DISCARD or DEALLOCATE does not make the connection keep more", () =>
+      Effect.gen(function* () {
+        yield* reset
+        const db = yield* TestDatabase.TestDatabase
+        yield* db.outside("ALTER TABLE items ADD COLUMN discard boolean NOT NULL DEFAULT false")
+        yield* insertItem(1, "one").pipe(Transaction.withTransaction())
+        for (let run = 0; run < 6; run++) {
+          yield* Effect.zipRight(
+            readItem(1),
+            Effect.flatMap(
+              SqlClient.SqlClient,
+              (sql) => sql`UPDATE items SET discard = ${run % 2 === 0} WHERE id = ${1}`
+            )
+          ).pipe(Transaction.withTransaction())
+          // DISCARD TEMP fails nothing here and leaves prepared statements alone; a failed DISCARD ALL too.
+          yield* Effect.flatMap(SqlClient.SqlClient, (sql) => sql`DISCARD TEMP`).pipe(Transaction.withTransaction())
+        }
+        const statements = yield* preparedNow
+        assert.isAtMost(statements.length, 2)
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
+    )
+
+    it.effect("statements whose runs failed do not use up the limit", () =>
+      Effect.gen(function* () {
+        yield* reset
+        yield* insertItem(1, "one").pipe(
+          Transaction.withTransaction(),
+          Effect.provideService(Transaction.PreparedStatements, 0)
+        )
+        for (let run = 0; run < 5; run++) {
+          const duplicate = yield* Effect.exit(insertItem(1, "again").pipe(Transaction.withTransaction()))
+          assert.strictEqual(codeOf(duplicate), "23505")
+        }
+        yield* readItem(1).pipe(Transaction.withTransaction())
+        const statements = yield* preparedNow
+        assert.deepStrictEqual(
+          statements.map(({ statement }) => statement),
+          [insertText, readText]
+        )
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
     )
 
     it.effect("a value that cannot be sent fails its statement, and the statement runs prepared afterwards", () =>
@@ -257,14 +320,47 @@ describe("Transaction.PreparedStatements", () => {
         }).pipe(Transaction.withTransaction())
         const sql = yield* SqlClient.SqlClient
         assert.deepStrictEqual(yield* sql`SELECT id FROM items ORDER BY id`, [{ id: 1 }, { id: 3 }])
-        const inTest = yield* Effect.zipRight(insertItem(4, "four"), readItem(4)).pipe(
-          Transaction.withTransaction(),
-          TestTransaction.isolate,
-          Effect.provide(TestTransaction.layer())
+        // The test transaction opens the connection: the setting is the one where its layer is built.
+        const inTestText = "SELECT label FROM items WHERE id = $1 AND label IS NOT NULL"
+        const [inTest, preparedInTest] = yield* Effect.zip(
+          Effect.zipRight(
+            insertItem(5, "five"),
+            Effect.flatMap(SqlClient.SqlClient, (sql) => sql.unsafe(inTestText, [5]))
+          ).pipe(Transaction.withTransaction()),
+          prepared
+        ).pipe(TestTransaction.isolate, Effect.provide(TestTransaction.layer()))
+        assert.deepStrictEqual(inTest, [{ label: "five" }])
+        assert.include(
+          preparedInTest.map(({ statement }) => statement),
+          inTestText
         )
-        assert.deepStrictEqual(inTest, [{ id: 4, label: "four" }])
         assert.deepStrictEqual(yield* sql`SELECT id FROM items ORDER BY id`, [{ id: 1 }, { id: 3 }])
-      }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 100))
+    )
+  })
+
+  // A connection of its own: names stay with their statements for the connection's life.
+  layer(TestDatabase.layer({ maxConnections: 1 }), { excludeTestServices: true })((it) => {
+    it.effect("each connection keeps at most as many statements as the setting says", () =>
+      Effect.gen(function* () {
+        yield* reset
+        for (let round = 0; round < 2; round++) {
+          for (let id = 1; id <= 4; id++) {
+            const rows = yield* Effect.flatMap(SqlClient.SqlClient, (sql) =>
+              sql.unsafe<{ k: number; id: number }>(`SELECT ${id} AS k, $1::int AS id`, [id])
+            ).pipe(Transaction.withTransaction())
+            assert.deepStrictEqual(rows, [{ k: id, id }])
+          }
+        }
+        const statements = yield* preparedNow
+        assert.deepStrictEqual(
+          statements.map(({ runs, statement }) => ({ runs, statement })),
+          [
+            { runs: 2, statement: "SELECT 1 AS k, $1::int AS id" },
+            { runs: 2, statement: "SELECT 2 AS k, $1::int AS id" }
+          ]
+        )
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
     )
   })
 })

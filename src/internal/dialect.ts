@@ -270,6 +270,7 @@ interface PgWire {
   readonly parse: (message: { readonly text: string }) => void
   readonly bind: (message: object) => void
   readonly execute: (message: object) => void
+  readonly close: (message: { readonly type: "S"; readonly name: string }) => void
   /** node-postgres' record of the named statements the session has parsed, and of those whose Parse is in flight. */
   readonly parsedStatements?: Record<string, string>
   readonly submittedNamedStatements?: Record<string, string>
@@ -354,8 +355,10 @@ const send = (
   })
 }
 
-/** Statements that end the session's prepared statements (some or all of them), whatever their names. */
-const sessionReset = /\b(?:DISCARD|DEALLOCATE)\b/i
+/** A word that may begin a statement ending prepared statements of the session: checked before splitting the text. */
+const resetWord = /\b(?:DISCARD|DEALLOCATE)\b/i
+/** A statement that ends prepared statements of the session (some or all of them), whatever their names. */
+const resetStatement = /^\s*(?:DISCARD|DEALLOCATE)\b/i
 
 /** How a run used its prepared statement: bound to it as parsed before, or parsed it first. */
 type Run = "bound" | "parsed"
@@ -365,25 +368,29 @@ interface Prepared {
   readonly owner: StatementCache
   readonly name: string
   readonly text: string
-  /** `parsing` while the run that parses it is in flight: another run sends it unnamed meanwhile. */
-  state: "new" | "parsing" | "parsed"
+  /**
+   * `new`: never parsed under its name. `parsing`: the run that parses it is in flight (another run sends it unnamed
+   * meanwhile). `parsed`: the session has it. `stale`: the session may or may not have it, or have it as it no longer
+   * fits the tables; the next run closes the name and parses it again, in its own round trip.
+   */
+  state: "new" | "parsing" | "parsed" | "stale"
 }
 
 /**
- * The statements one pooled node-postgres client keeps prepared, by their text. The first `limit` statements with
- * parameters that its transactions run get a name each; a statement is parsed under its name the first time it
- * runs, and only bound and executed from then on. A name is given up, and its text gets a new one the next time it
- * runs, when a run of it fails in a way that may have ended the prepared statement (its Parse failed, or the
- * session lost it, or PostgreSQL refuses it after the table's columns changed); names given up still count
- * toward `limit` until the session's statements are reset (`DISCARD`, `DEALLOCATE`), so the session holds at most
- * `limit` of them.
+ * The statements one pooled node-postgres client keeps prepared, by their text. The first `limit` distinct
+ * statements with parameters that its transactions run get a name each, for the client's life; a statement is
+ * parsed under its name the first time it runs, and only bound and executed from then on. After a run that failed in
+ * a way that may have ended or outdated the prepared statement (any failure but the statement's own: a constraint,
+ * a serialization failure or deadlock, a cancel, an exception raised by a function or trigger, a lock not available),
+ * the next run closes the name and parses the statement again under it, in the same round trip: the session never
+ * holds more than `limit` of them, and a schema change costs at most one failed run per statement and connection.
  */
 class StatementCache {
   /** `Transaction.PreparedStatements` as the transaction holding the connection read it; 0 names nothing. */
   limit = 0
-  private names = 0
-  private held = 0
   private readonly byText = new Map<string, Prepared>()
+  /** Names of another cache on the same session (another copy of this library) never collide with these. */
+  private readonly prefix = `etx${Math.floor(Math.random() * 36 ** 4).toString(36)}_`
 
   constructor(private readonly real: PgQueryClient) {}
 
@@ -391,9 +398,8 @@ class StatementCache {
   lookup(text: string | undefined, args: ReadonlyArray<unknown>): Prepared | undefined {
     if (this.limit <= 0 || text === undefined || !preparable(args)) return undefined
     const found = this.byText.get(text)
-    if (found !== undefined || this.held >= this.limit) return found
-    this.held++
-    const made: Prepared = { owner: this, name: `etx_${++this.names}`, text, state: "new" }
+    if (found !== undefined || this.byText.size >= this.limit) return found
+    const made: Prepared = { owner: this, name: `${this.prefix}${this.byText.size + 1}`, text, state: "new" }
     this.byText.set(text, made)
     return made
   }
@@ -411,6 +417,9 @@ class StatementCache {
       parsed[statement.name] = statement.text
       return "bound"
     }
+    delete parsed[statement.name]
+    // Closing a name the session does not have is no error.
+    if (statement.state === "stale") connection.close({ type: "S", name: statement.name })
     statement.state = "parsing"
     return "parsed"
   }
@@ -425,24 +434,37 @@ class StatementCache {
       }
       return
     }
-    // The database's error about this run of a statement parsed before leaves the statement as it was.
-    if (run === "bound" && isDatabaseError(error) && error.code !== "26000" && error.code !== "0A000") return
-    this.forget(statement)
+    if (run === "bound" && isDatabaseError(error) && ownFailure(error.code)) return
+    // The session lost its prepared statements (DEALLOCATE or DISCARD behind the engine's back): all of them.
+    if (isDatabaseError(error) && error.code === "26000") this.outdateAll()
+    else this.outdate(statement)
   }
 
-  forget(statement: Prepared): void {
-    if (this.byText.get(statement.text) === statement) this.byText.delete(statement.text)
+  /** Outdates every statement when `text` has a statement that ends prepared statements of the session. */
+  resetBy(text: string): void {
+    if (this.byText.size === 0 || !resetWord.test(text)) return
+    if (splitStatements(text).some((statement) => resetStatement.test(statement))) this.outdateAll()
+  }
+
+  private outdate(statement: Prepared): void {
+    statement.state = "stale"
     const parsed = this.real.connection?.parsedStatements
     if (parsed !== undefined) delete parsed[statement.name]
   }
 
-  /** Forgets every statement when `text` resets the session's prepared statements: none is left then. */
-  resetBy(text: string): void {
-    if (this.held === 0 || !sessionReset.test(text)) return
-    for (const statement of this.byText.values()) this.forget(statement)
-    this.held = 0
+  private outdateAll(): void {
+    for (const statement of this.byText.values()) if (statement.state !== "new") this.outdate(statement)
   }
 }
+
+/**
+ * Whether a run's failure with SQLSTATE `code` is the statement's own, raised while it ran, which leaves the prepared
+ * statement as it was: a constraint (class 23), a serialization failure or deadlock (40), a cancel (57014), an
+ * exception raised in a function or trigger (P0001), a lock not available (55P03). Anything else, a type mismatch
+ * after the table changed among them, may come from the prepared statement itself.
+ */
+const ownFailure = (code: string): boolean =>
+  code.startsWith("23") || code.startsWith("40") || code === "57014" || code === "P0001" || code === "55P03"
 
 /** Whether a query given as `args` can run as a named statement: a text with parameters, nothing else of its own. */
 const preparable = (args: ReadonlyArray<unknown>): boolean => {
