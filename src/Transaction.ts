@@ -506,7 +506,8 @@ export interface PreparedStatements {
  * What to know before turning it on (docs/performance.md has more):
  * - A schema change under a running app (a column's type changed, `SELECT *` from a table that gained a column) can
  *   fail a prepared statement once per connection that kept it, with PostgreSQL's error; it is prepared afresh the
- *   next time it runs.
+ *   next time it runs. A type change that does not make it fail (`text` to `citext`) keeps the old parameter types
+ *   until the connection is replaced.
  * - An app that switches `search_path` between schemas whose tables differ (a schema per tenant) would see such a
  *   failure at every switch: leave it off there.
  * - A connection pooler in transaction mode must support prepared statements (PgBouncer 1.21 or later, with

@@ -151,7 +151,10 @@ describe("Transaction.PreparedStatements", () => {
       Effect.gen(function* () {
         yield* reset
         yield* Effect.zipRight(insertItem(1, "one"), readItem(1)).pipe(Transaction.withTransaction())
-        yield* Effect.flatMap(SqlClient.SqlClient, (sql) => sql`DEALLOCATE ALL`).pipe(Transaction.withTransaction())
+        // After a comment too: the engine sees the statement for what it is.
+        yield* Effect.flatMap(SqlClient.SqlClient, (sql) =>
+          sql.unsafe("-- start again\n/* all */ DEALLOCATE ALL")
+        ).pipe(Transaction.withTransaction())
         assert.deepStrictEqual(yield* preparedNow, [])
         assert.deepStrictEqual(yield* readItem(1).pipe(Transaction.withTransaction()), [{ id: 1, label: "one" }])
         assert.deepStrictEqual(

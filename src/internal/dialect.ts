@@ -357,8 +357,8 @@ const send = (
 
 /** A word that may begin a statement ending prepared statements of the session: checked before splitting the text. */
 const resetWord = /\b(?:DISCARD|DEALLOCATE)\b/i
-/** A statement that ends prepared statements of the session (some or all of them), whatever their names. */
-const resetStatement = /^\s*(?:DISCARD|DEALLOCATE)\b/i
+/** A statement that ends prepared statements of the session (some or all of them), after any comments. */
+const resetStatement = /^(?:\s|--[^\n]*(?:\n|$)|\/\*[\s\S]*?\*\/)*(?:DISCARD|DEALLOCATE)\b/i
 
 /** How a run used its prepared statement: bound to it as parsed before, or parsed it first. */
 type Run = "bound" | "parsed"
