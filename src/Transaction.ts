@@ -499,9 +499,9 @@ export interface PreparedStatements {
  * How many statements each pooled connection keeps prepared for the transactions of this library; 0 (the default)
  * keeps none. With a positive number, a statement with parameters that a transaction runs is parsed once per
  * connection, under a name, and only bound and executed from then on: PostgreSQL skips parsing and, after five
- * runs, planning it (it keeps a generic plan when that costs no more than planning each run). The first that many
- * distinct statements a connection runs keep their names for the connection's life. Read from the context of the
- * fiber that opens the transaction; statements outside transactions are never prepared.
+ * runs, planning it (it keeps a generic plan when that costs no more than planning each run). Each connection keeps
+ * that many of the statements it ran most recently. Read from the context of the fiber that opens the transaction;
+ * statements outside transactions are never prepared.
  *
  * What to know before turning it on (docs/performance.md has more):
  * - A schema change under a running app (a column's type changed, `SELECT *` from a table that gained a column) can

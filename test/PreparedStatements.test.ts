@@ -221,28 +221,6 @@ describe("Transaction.PreparedStatements", () => {
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
     )
 
-    it.effect("a statement that only mentions DISCARD or DEALLOCATE does not make the connection keep more", () =>
-      Effect.gen(function* () {
-        yield* reset
-        const db = yield* TestDatabase.TestDatabase
-        yield* db.outside("ALTER TABLE items ADD COLUMN discard boolean NOT NULL DEFAULT false")
-        yield* insertItem(1, "one").pipe(Transaction.withTransaction())
-        for (let run = 0; run < 6; run++) {
-          yield* Effect.zipRight(
-            readItem(1),
-            Effect.flatMap(
-              SqlClient.SqlClient,
-              (sql) => sql`UPDATE items SET discard = ${run % 2 === 0} WHERE id = ${1}`
-            )
-          ).pipe(Transaction.withTransaction())
-          // DISCARD TEMP fails nothing here and leaves prepared statements alone; a failed DISCARD ALL too.
-          yield* Effect.flatMap(SqlClient.SqlClient, (sql) => sql`DISCARD TEMP`).pipe(Transaction.withTransaction())
-        }
-        const statements = yield* preparedNow
-        assert.isAtMost(statements.length, 2)
-      }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
-    )
-
     it.effect("statements whose runs failed do not use up the limit", () =>
       Effect.gen(function* () {
         yield* reset
@@ -342,27 +320,73 @@ describe("Transaction.PreparedStatements", () => {
     )
   })
 
-  // A connection of its own: names stay with their statements for the connection's life.
+  // A connection of its own, which never runs with a setting above 2.
   layer(TestDatabase.layer({ maxConnections: 1 }), { excludeTestServices: true })((it) => {
-    it.effect("each connection keeps at most as many statements as the setting says", () =>
+    it.effect("each connection keeps at most as many statements as the setting says, the most recently used", () =>
       Effect.gen(function* () {
         yield* reset
+        const select = (k: number) =>
+          Effect.flatMap(SqlClient.SqlClient, (sql) =>
+            sql.unsafe<{ k: number; id: number }>(`SELECT ${k} AS k, $1::int AS id`, [k])
+          ).pipe(Transaction.withTransaction())
         for (let round = 0; round < 2; round++) {
-          for (let id = 1; id <= 4; id++) {
-            const rows = yield* Effect.flatMap(SqlClient.SqlClient, (sql) =>
-              sql.unsafe<{ k: number; id: number }>(`SELECT ${id} AS k, $1::int AS id`, [id])
-            ).pipe(Transaction.withTransaction())
-            assert.deepStrictEqual(rows, [{ k: id, id }])
-          }
+          for (let k = 1; k <= 4; k++) assert.deepStrictEqual(yield* select(k), [{ k, id: k }])
         }
         const statements = yield* preparedNow
         assert.deepStrictEqual(
-          statements.map(({ runs, statement }) => ({ runs, statement })),
+          statements
+            .map(({ runs, statement }) => ({ runs, statement }))
+            .sort((a, b) => (a.statement < b.statement ? -1 : 1)),
           [
-            { runs: 2, statement: "SELECT 1 AS k, $1::int AS id" },
-            { runs: 2, statement: "SELECT 2 AS k, $1::int AS id" }
+            { runs: 1, statement: "SELECT 3 AS k, $1::int AS id" },
+            { runs: 1, statement: "SELECT 4 AS k, $1::int AS id" }
           ]
         )
+        // Names are reused: never more than two.
+        assert.strictEqual(new Set(statements.map(({ name }) => name)).size, 2)
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
+    )
+
+    it.effect("a statement run often stays prepared while statements run once come and go", () =>
+      Effect.gen(function* () {
+        yield* reset
+        const hot = Effect.flatMap(SqlClient.SqlClient, (sql) => sql.unsafe("SELECT $1::int AS hot", [1]))
+        const once = (k: number) =>
+          Effect.flatMap(SqlClient.SqlClient, (sql) => sql.unsafe(`SELECT $1::int AS once_${k}`, [k]))
+        for (let k = 1; k <= 6; k++) {
+          const [hotRows, onceRows] = yield* Effect.all([hot, once(k)]).pipe(Transaction.withTransaction())
+          assert.deepStrictEqual(hotRows, [{ hot: 1 }])
+          assert.deepStrictEqual(onceRows, [{ [`once_${k}`]: k }])
+        }
+        const statements = yield* preparedNow
+        assert.strictEqual(statements.length, 2)
+        assert.deepStrictEqual(
+          statements.find(({ statement }) => statement === "SELECT $1::int AS hot")?.runs,
+          6,
+          "parsed once, bound six times"
+        )
+      }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
+    )
+
+    it.effect("a statement that only mentions DISCARD or DEALLOCATE does not make the connection keep more", () =>
+      Effect.gen(function* () {
+        yield* reset
+        const db = yield* TestDatabase.TestDatabase
+        yield* db.outside("ALTER TABLE items ADD COLUMN discard boolean NOT NULL DEFAULT false")
+        yield* insertItem(1, "one").pipe(Transaction.withTransaction())
+        for (let run = 0; run < 6; run++) {
+          yield* Effect.zipRight(
+            readItem(1),
+            Effect.flatMap(
+              SqlClient.SqlClient,
+              (sql) => sql`UPDATE items SET discard = ${run % 2 === 0} WHERE id = ${1}`
+            )
+          ).pipe(Transaction.withTransaction())
+          // DISCARD TEMP fails nothing here and leaves prepared statements alone; a failed DISCARD ALL too.
+          yield* Effect.flatMap(SqlClient.SqlClient, (sql) => sql`DISCARD TEMP`).pipe(Transaction.withTransaction())
+        }
+        const statements = yield* preparedNow
+        assert.isAtMost(statements.length, 2)
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
     )
   })

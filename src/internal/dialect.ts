@@ -371,15 +371,17 @@ interface Prepared {
   /**
    * `new`: never parsed under its name. `parsing`: the run that parses it is in flight (another run sends it unnamed
    * meanwhile). `parsed`: the session has it. `stale`: the session may or may not have it, or have it as it no longer
-   * fits the tables; the next run closes the name and parses it again, in its own round trip.
+   * fits the tables, or have another statement under its name; the next run closes the name and parses it again, in
+   * its own round trip. `evicted`: its name went to another statement; a run that still holds it sends it unnamed.
    */
-  state: "new" | "parsing" | "parsed" | "stale"
+  state: "new" | "parsing" | "parsed" | "stale" | "evicted"
 }
 
 /**
- * The statements one pooled node-postgres client keeps prepared, by their text. The first `limit` distinct
- * statements with parameters that its transactions run get a name each, for the client's life; a statement is
- * parsed under its name the first time it runs, and only bound and executed from then on. After a run that failed in
+ * The statements one pooled node-postgres client keeps prepared, by their text: the `limit` statements with
+ * parameters that its transactions ran most recently. A statement is parsed under its name the first time it runs,
+ * and only bound and executed from then on; a new statement past `limit` takes the name of the one used least
+ * recently, closing it and parsing itself under it in the same round trip. After a run that failed in
  * a way that may have ended or outdated the prepared statement (any failure but the statement's own: a constraint,
  * a serialization failure or deadlock, a cancel, an exception raised by a function or trigger, a lock not available),
  * the next run closes the name and parses the statement again under it, in the same round trip: the session never
@@ -388,6 +390,7 @@ interface Prepared {
 class StatementCache {
   /** `Transaction.PreparedStatements` as the transaction holding the connection read it; 0 names nothing. */
   limit = 0
+  /** By text, the most recently used last. */
   private readonly byText = new Map<string, Prepared>()
   /** Names of another cache on the same session (another copy of this library) never collide with these. */
   private readonly prefix = `etx${Math.floor(Math.random() * 36 ** 4).toString(36)}_`
@@ -398,10 +401,25 @@ class StatementCache {
   lookup(text: string | undefined, args: ReadonlyArray<unknown>): Prepared | undefined {
     if (this.limit <= 0 || text === undefined || !preparable(args)) return undefined
     const found = this.byText.get(text)
-    if (found !== undefined || this.byText.size >= this.limit) return found
-    const made: Prepared = { owner: this, name: `${this.prefix}${this.byText.size + 1}`, text, state: "new" }
-    this.byText.set(text, made)
-    return made
+    if (found !== undefined) {
+      this.byText.delete(text)
+      this.byText.set(text, found)
+      return found
+    }
+    if (this.byText.size < this.limit) {
+      const made: Prepared = { owner: this, name: `${this.prefix}${this.byText.size + 1}`, text, state: "new" }
+      this.byText.set(text, made)
+      return made
+    }
+    for (const least of this.byText.values()) {
+      if (least.state === "parsing") continue
+      this.byText.delete(least.text)
+      least.state = "evicted"
+      const made: Prepared = { owner: this, name: least.name, text, state: "stale" }
+      this.byText.set(text, made)
+      return made
+    }
+    return undefined
   }
 
   /**
@@ -410,7 +428,12 @@ class StatementCache {
    */
   use(statement: Prepared, connection: PgWire): Run | undefined {
     const parsed = connection.parsedStatements
-    if (statement.state === "parsing" || parsed === undefined || connection.submittedNamedStatements === undefined) {
+    if (
+      statement.state === "parsing" ||
+      statement.state === "evicted" ||
+      parsed === undefined ||
+      connection.submittedNamedStatements === undefined
+    ) {
       return undefined
     }
     if (statement.state === "parsed") {
@@ -426,6 +449,8 @@ class StatementCache {
 
   /** Records how a run that used `statement` ended. */
   answered(statement: Prepared, run: Run, error: unknown): void {
+    // Its name is another statement's now, and so is the record of it.
+    if (statement.state === "evicted") return
     if (error === null || error === undefined) {
       if (run === "parsed" && statement.state === "parsing") {
         statement.state = "parsed"
