@@ -221,7 +221,7 @@ describe("Transaction.PreparedStatements", () => {
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
     )
 
-    it.effect("statements whose runs failed do not use up the limit", () =>
+    it.effect("a statement whose runs keep failing holds one name, not one per run", () =>
       Effect.gen(function* () {
         yield* reset
         yield* insertItem(1, "one").pipe(
