@@ -372,7 +372,7 @@ interface Prepared {
    * `new`: never parsed under its name. `parsing`: the run that parses it is in flight (another run sends it unnamed
    * meanwhile). `parsed`: the session has it. `stale`: the session may or may not have it, or have it as it no longer
    * fits the tables, or have another statement under its name; the next run closes the name and parses it again, in
-   * its own round trip. `evicted`: its name went to another statement; a run that still holds it sends it unnamed.
+   * the round trip that runs it. `evicted`: its name went to another statement; a run that still holds it sends it unnamed.
    */
   state: "new" | "parsing" | "parsed" | "stale" | "evicted"
 }
@@ -385,7 +385,8 @@ interface Prepared {
  * a way that may have ended or outdated the prepared statement (any failure but the statement's own: a constraint,
  * a serialization failure or deadlock, a cancel, an exception raised by a function or trigger, a lock not available),
  * the next run closes the name and parses the statement again under it, in the same round trip: the session never
- * holds more than `limit` of them, and a schema change costs at most one failed run per statement and connection.
+ * holds more than the largest `limit` it ran with, and a schema change costs at most one failed run per statement
+ * and connection.
  */
 class StatementCache {
   /** `Transaction.PreparedStatements` as the transaction holding the connection read it; 0 names nothing. */
