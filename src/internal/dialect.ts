@@ -372,7 +372,8 @@ interface Prepared {
    * `new`: never parsed under its name. `parsing`: the run that parses it is in flight (another run sends it unnamed
    * meanwhile). `parsed`: the session has it. `stale`: the session may or may not have it, or have it as it no longer
    * fits the tables, or have another statement under its name; the next run closes the name and parses it again, in
-   * the round trip that runs it. `evicted`: its name went to another statement; a run that still holds it sends it unnamed.
+   * the round trip that runs it. `evicted`: its name went to another statement; a run that still holds it sends it
+   * unnamed.
    */
   state: "new" | "parsing" | "parsed" | "stale" | "evicted"
 }
