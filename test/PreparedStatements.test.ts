@@ -25,6 +25,12 @@ const prepared = Effect.flatMap(SqlClient.SqlClient, (sql) =>
 
 const preparedNow = prepared.pipe(Transaction.withTransaction())
 
+/** Each statement the connection keeps, with how often it ran since it was parsed. */
+const runsNow = Effect.map(preparedNow, (rows) => rows.map(({ runs, statement }) => ({ runs, statement })))
+
+/** The texts of the statements the connection keeps. */
+const textsNow = Effect.map(preparedNow, (rows) => rows.map(({ statement }) => statement))
+
 const insertItem = (id: number, label: string) =>
   Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO items (id, label) VALUES (${id}, ${label})`)
 
@@ -71,14 +77,10 @@ describe("Transaction.PreparedStatements", () => {
           )
           assert.deepStrictEqual(rows, [{ id, label: `item ${id}` }])
         }
-        const statements = yield* preparedNow
-        assert.deepStrictEqual(
-          statements.map(({ runs, statement }) => ({ runs, statement })),
-          [
-            { runs: 3, statement: insertText },
-            { runs: 3, statement: readText }
-          ]
-        )
+        assert.deepStrictEqual(yield* runsNow, [
+          { runs: 3, statement: insertText },
+          { runs: 3, statement: readText }
+        ])
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
     )
 
@@ -123,11 +125,7 @@ describe("Transaction.PreparedStatements", () => {
         for (let run = 0; run < 3; run++) {
           assert.deepStrictEqual(yield* readOther.pipe(Transaction.withTransaction()), [{ n: 1 }])
         }
-        const statements = yield* preparedNow
-        assert.deepStrictEqual(
-          statements.map(({ runs, statement }) => ({ runs, statement })),
-          [{ runs: 3, statement: "SELECT n FROM other WHERE n = $1" }]
-        )
+        assert.deepStrictEqual(yield* runsNow, [{ runs: 3, statement: "SELECT n FROM other WHERE n = $1" }])
         yield* Effect.flatMap(SqlClient.SqlClient, (sql) => sql`DROP TABLE other`)
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
     )
@@ -157,10 +155,7 @@ describe("Transaction.PreparedStatements", () => {
         ).pipe(Transaction.withTransaction())
         assert.deepStrictEqual(yield* preparedNow, [])
         assert.deepStrictEqual(yield* readItem(1).pipe(Transaction.withTransaction()), [{ id: 1, label: "one" }])
-        assert.deepStrictEqual(
-          (yield* preparedNow).map(({ runs, statement }) => ({ runs, statement })),
-          [{ runs: 1, statement: readText }]
-        )
+        assert.deepStrictEqual(yield* runsNow, [{ runs: 1, statement: readText }])
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
     )
 
@@ -233,11 +228,7 @@ describe("Transaction.PreparedStatements", () => {
           assert.strictEqual(codeOf(duplicate), "23505")
         }
         yield* readItem(1).pipe(Transaction.withTransaction())
-        const statements = yield* preparedNow
-        assert.deepStrictEqual(
-          statements.map(({ statement }) => statement),
-          [insertText, readText]
-        )
+        assert.deepStrictEqual(yield* textsNow, [insertText, readText])
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 2))
     )
 
@@ -281,11 +272,7 @@ describe("Transaction.PreparedStatements", () => {
           Transaction.withTransaction()
         )
         assert.deepStrictEqual(rows, [[{ id: 1, label: "one" }], [{ id: 2, label: "two" }], [{ id: 1, label: "one" }]])
-        const statements = yield* preparedNow
-        assert.deepStrictEqual(
-          statements.map(({ statement }) => statement),
-          [insertText, readText]
-        )
+        assert.deepStrictEqual(yield* textsNow, [insertText, readText])
       }).pipe(Effect.provideService(Transaction.PreparedStatements, 10))
     )
 
