@@ -241,16 +241,21 @@ describe("Transaction.PreparedStatements", () => {
           Effect.flatMap(SqlClient.SqlClient, (sql) =>
             sql.unsafe<{ id: number }>("SELECT id FROM items WHERE label = $1", [label as string])
           )
-        // Not the transaction's first statement: that one carries BEGIN, and its failure closes the connection.
         const afterRead = (label: unknown) =>
           Effect.zipRight(readItem(1), readLabel(label)).pipe(Transaction.withTransaction())
         yield* insertItem(1, "one").pipe(Transaction.withTransaction())
         assert.deepStrictEqual(yield* afterRead("one"), [{ id: 1 }])
         const before = yield* preparedNow
-        const bad = yield* Effect.exit(afterRead(circular))
-        assert.isTrue(Exit.isFailure(bad))
-        const failure = Exit.isFailure(bad) ? (Cause.squash(bad.cause) as { readonly cause?: unknown }) : undefined
-        assert.include(String(failure?.cause), "circular structure")
+        // As a later statement, and as the first one, which carries BEGIN: the statement's own failure each time.
+        for (const bad of [
+          yield* Effect.exit(afterRead(circular)),
+          yield* Effect.exit(readLabel(circular).pipe(Transaction.withTransaction()))
+        ]) {
+          assert.isTrue(Exit.isFailure(bad))
+          const failure = Exit.isFailure(bad) ? Cause.squash(bad.cause) : undefined
+          assert.instanceOf(failure, SqlError.SqlError)
+          assert.include(String((failure as SqlError.SqlError).cause), "circular structure")
+        }
         assert.deepStrictEqual(yield* afterRead("one"), [{ id: 1 }])
         assert.deepStrictEqual(yield* afterRead("one"), [{ id: 1 }])
         // The same connection throughout: the statements it kept before are still there.

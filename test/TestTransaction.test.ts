@@ -83,6 +83,40 @@ describe("TestTransaction.isolate", () => {
       })
     )
 
+    it.effect("a value that cannot be sent fails its statement, first in a transaction or not; the test goes on", () =>
+      Effect.gen(function* () {
+        yield* schema
+        const circular: Record<string, unknown> = {}
+        circular.self = circular
+        const unsendable = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+          sql.unsafe("INSERT INTO items (id, label) VALUES ($1, $2)", [9, circular as never])
+        )
+        const seen = yield* Effect.gen(function* () {
+          // The first statement of the test, of the code's transaction, then of a nested block: each carries the
+          // savepoint that opens its block.
+          for (const exit of [
+            yield* Effect.exit(unsendable),
+            yield* Effect.exit(unsendable.pipe(Transaction.withTransaction())),
+            yield* Effect.exit(
+              Effect.zipRight(insert(1), Effect.exit(unsendable.pipe(Transaction.withTransaction()))).pipe(
+                Effect.flatten,
+                Transaction.withTransaction()
+              )
+            )
+          ]) {
+            const error = sqlError(exit)
+            assert.strictEqual(error._tag, "SqlError")
+            assert.include(String(error.cause), "circular structure")
+          }
+          yield* insert(2).pipe(Transaction.withTransaction())
+          return yield* visibleIds
+        }).pipe(TestTransaction.isolate)
+        assert.deepStrictEqual(seen, [2])
+        assert.deepStrictEqual(yield* committedIds, [])
+        assert.strictEqual(yield* idleInTransaction, 0)
+      })
+    )
+
     it.effect("requiresNew, sql.reserve and forked fibers stay on the test's connection", () =>
       Effect.gen(function* () {
         yield* schema

@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs"
-import { Migrator, SqlClient } from "@effect/sql"
+import { Migrator, SqlClient, SqlError } from "@effect/sql"
 import { assert, describe, it, layer } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Fiber, Layer, Option, Stream } from "effect"
 import { Transaction, TransactionError } from "effect-transaction"
@@ -199,6 +199,40 @@ describe("failures of control statements", () => {
          CONSTRAINT children_parent_fk REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)`
     )
     const orphan = Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO children VALUES (1, 42)`)
+
+    /** An insert whose label node-postgres cannot serialize: it fails before anything of it reaches the database. */
+    const unsendable = Effect.flatMap(SqlClient.SqlClient, (sql) => {
+      const circular: Record<string, unknown> = {}
+      circular.self = circular
+      return sql.unsafe("INSERT INTO items (id, label) VALUES ($1, $2)", [9, circular as never])
+    })
+    /** The error an exit failed with is the statement's own (a SqlError saying why), not a TransactionError. */
+    const failedWithUnsendable = (exit: Exit.Exit<unknown, unknown>) => {
+      assert.isTrue(Exit.isFailure(exit))
+      const error = Exit.isFailure(exit) ? Cause.squash(exit.cause) : undefined
+      assert.instanceOf(error, SqlError.SqlError)
+      assert.include(String((error as SqlError.SqlError).cause), "circular structure")
+    }
+
+    it.effect("a value that cannot be sent in the first statement fails that statement, not BEGIN", () =>
+      Effect.gen(function* () {
+        yield* items
+        failedWithUnsendable(yield* Effect.exit(unsendable.pipe(Transaction.withTransaction())))
+        failedWithUnsendable(
+          yield* Effect.exit(Effect.zipRight(unsendable, insert(1)).pipe(Transaction.withTransaction()))
+        )
+        assert.deepStrictEqual(yield* committedIds, [])
+        assert.strictEqual(yield* idleInTransaction, 0)
+        // Inside a nested block, whose SAVEPOINT travels with it: the block fails, the outer one goes on.
+        yield* Effect.gen(function* () {
+          yield* insert(1)
+          failedWithUnsendable(yield* Effect.exit(unsendable.pipe(Transaction.withTransaction())))
+          yield* insert(2)
+        }).pipe(Transaction.withTransaction())
+        assert.deepStrictEqual(yield* committedIds, [1, 2])
+        assert.strictEqual(yield* idleInTransaction, 0)
+      })
+    )
 
     it.effect("a deferred foreign-key violation at COMMIT is a typed, catchable error", () =>
       Effect.gen(function* () {

@@ -227,7 +227,7 @@ const makeStandIn = (real: PgQueryClient): StandIn => {
       },
       carry: (statements, sql) => {
         const text = `${statements.join("; ")}; `
-        const prefix: Prefix = { text, statements, sql, carried: text + sql, completed: 0 }
+        const prefix: Prefix = { text, statements, sql, carried: text + sql, completed: 0, preparing: false }
         armed = prefix
         return { sql: prefix.carried, completed: () => prefix.completed }
       }
@@ -247,6 +247,8 @@ interface Prefix {
   readonly sql: string
   readonly carried: string
   completed: number
+  /** Set while node-postgres prepares the query that carries them (`preparing`). */
+  preparing: boolean
 }
 
 /** The text of a query as `client.query` is given it: a string, or a config object (not a submittable). */
@@ -304,7 +306,7 @@ const send = (
   const hasValues = Array.isArray(given) && given.length > 0
   if (Query !== undefined && (hasValues || (prefix !== undefined && splitStatements(text).length === 1))) {
     let run: Run | undefined
-    const answer =
+    const deliver =
       statement === undefined
         ? callback
         : (error: unknown, result?: unknown) => {
@@ -313,6 +315,7 @@ const send = (
             run = undefined
             return callback(error, result)
           }
+    const answer = prefix === undefined ? deliver : heldUntilSync(prefix, deliver)
     const query = new Query(config, values, answer)
     // Without values node-postgres would use the simple protocol, which cannot follow messages awaiting a Sync.
     if (!Array.isArray(query.values) || query.values.length === 0) query.queryMode = "extended"
@@ -327,10 +330,13 @@ const send = (
       }
       // Known before node-postgres prepares: a value it cannot send fails the query from inside `prepare`.
       run = statement === undefined ? undefined : statement.owner.use(statement, connection)
-      if (run === undefined) return prepare.call(this, connection)
+      if (run === undefined) {
+        preparing(prefix, () => prepare.call(this, connection))
+        return
+      }
       this.name = statement!.name
       try {
-        prepare.call(this, connection)
+        preparing(prefix, () => prepare.call(this, connection))
       } finally {
         // The record is the engine's to keep for its names: node-postgres would mark the name parsed on the first
         // ParseComplete of the round trip, which may be a control statement's.
@@ -353,6 +359,50 @@ const send = (
     prefix.completed = prefix.statements.length
     return args.length > 2 ? real.query(config, values, callback) : real.query(config, callback)
   })
+}
+
+/**
+ * Runs node-postgres' `prepare` of a query that carries `prefix`'s control statements, noting that it runs: a value
+ * the driver cannot send fails the query from inside it, after the control statements were already sent.
+ */
+const preparing = (prefix: Prefix | undefined, prepare: () => void): void => {
+  if (prefix === undefined) {
+    prepare()
+    return
+  }
+  prefix.preparing = true
+  try {
+    prepare()
+  } finally {
+    prefix.preparing = false
+  }
+}
+
+/**
+ * The answer to a query carrying `prefix`'s control statements. A failure from inside `prepare` (a value the driver
+ * cannot send) comes before the database has answered the control statements sent ahead of it, which it still runs:
+ * that failure is held until the round trip's end (node-postgres answers again then), so that the count of completed
+ * control statements is known and the failure is the statement's own. A database or connection error at the end,
+ * with control statements left uncompleted, is what stopped them, and is the answer instead.
+ */
+const heldUntilSync = (
+  prefix: Prefix,
+  deliver: (error: unknown, result?: unknown) => unknown
+): ((error: unknown, result?: unknown) => unknown) => {
+  let held: { readonly error: unknown } | undefined
+  return (error, result) => {
+    if (held !== undefined) {
+      const failed = error !== null && error !== undefined && prefix.completed < prefix.statements.length
+      const answer = failed ? error : held.error
+      held = undefined
+      return deliver(answer)
+    }
+    if (prefix.preparing && error !== null && error !== undefined) {
+      held = { error }
+      return undefined
+    }
+    return deliver(error, result)
+  }
 }
 
 /** A word that may begin a statement ending prepared statements of the session: checked before splitting the text. */
