@@ -48,7 +48,9 @@ export const sendCancelRequest = (target: CancelTarget, deadlineMillis: number):
     }
     const timer = setTimeout(() => finish(false), deadlineMillis)
     socket.setNoDelay(true)
-    socket.once("connect", () => socket.end(cancelMessage(target)))
+    // Written without ending the socket: a pooler in between (PgBouncer) forwards the request over a connection of
+    // its own and drops it if the client hangs up first. The server's close ends it.
+    socket.once("connect", () => socket.write(cancelMessage(target)))
     socket.once("error", () => finish(false))
     socket.once("close", (hadError) => finish(!hadError))
     // Reading drains the socket so that the server's close is seen; the server sends nothing.
