@@ -200,7 +200,7 @@ describe("failures of control statements", () => {
     )
     const orphan = Effect.flatMap(SqlClient.SqlClient, (sql) => sql`INSERT INTO children VALUES (1, 42)`)
 
-    /** An insert whose label node-postgres cannot serialize: it fails before anything of it reaches the database. */
+    /** An insert whose label node-postgres cannot serialize: it fails before the database runs it. */
     const unsendable = Effect.flatMap(SqlClient.SqlClient, (sql) => {
       const circular: Record<string, unknown> = {}
       circular.self = circular

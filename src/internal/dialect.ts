@@ -310,12 +310,13 @@ const send = (
       statement === undefined
         ? callback
         : (error: unknown, result?: unknown) => {
-            // Only the first answer counts (node-postgres can answer twice, see the stand-in's `query`).
+            // One answer counts: node-postgres can answer twice (see the stand-in's `query`), and with control
+            // statements ahead `answeredOnce` picks which answer comes here.
             if (run !== undefined) statement.owner.answered(statement, run, error)
             run = undefined
             return callback(error, result)
           }
-    const answer = prefix === undefined ? deliver : heldUntilSync(prefix, deliver)
+    const answer = prefix === undefined ? deliver : answeredOnce(prefix, deliver)
     const query = new Query(config, values, answer)
     // Without values node-postgres would use the simple protocol, which cannot follow messages awaiting a Sync.
     if (!Array.isArray(query.values) || query.values.length === 0) query.queryMode = "extended"
@@ -381,11 +382,12 @@ const preparing = (prefix: Prefix | undefined, prepare: () => void): void => {
 /**
  * The answer to a query carrying `prefix`'s control statements. A failure from inside `prepare` (a value the driver
  * cannot send) comes before the database has answered the control statements sent ahead of it, which it still runs:
- * that failure is held until the round trip's end (node-postgres answers again then), so that the count of completed
- * control statements is known and the failure is the statement's own. A database or connection error at the end,
- * with control statements left uncompleted, is what stopped them, and is the answer instead.
+ * that failure is held until node-postgres answers again (at ReadyForQuery, or at the database or connection error
+ * that ended the round trip), when the count of completed control statements is final, and is then the statement's
+ * own. An error as that second answer, with control statements left uncompleted, is what stopped them, and is the
+ * answer instead.
  */
-const heldUntilSync = (
+const answeredOnce = (
   prefix: Prefix,
   deliver: (error: unknown, result?: unknown) => unknown
 ): ((error: unknown, result?: unknown) => unknown) => {
