@@ -2,12 +2,15 @@
  * The most that sending `BEGIN` with the first statement can buy: the two statements of the flat case on a reserved
  * connection, autocommitted, then one `SELECT 1` where `COMMIT` was: three round trips and no transaction library at
  * all, against hand-written `BEGIN`/`COMMIT` (four round trips), `@effect/sql`'s `withTransaction` and this library
- * (three round trips), one after another and on 16 fibers sharing 8 connections. Reported as median per-round
- * throughput ratios to hand-written and to `@effect/sql`.
+ * (three round trips), and against the least an engine that carries `BEGIN` does (`carryOnly`), one after another
+ * and on 16 fibers sharing 8 connections. Reported as median per-round throughput ratios to hand-written and to
+ * `@effect/sql`.
  */
 import { SqlClient } from "@effect/sql"
+import type { Connection } from "@effect/sql/SqlConnection"
 import { Effect } from "effect"
 import { Transaction } from "effect-transaction"
+import { postgres } from "../src/internal/dialect.js"
 
 let nextId = 1_000_000_000
 
@@ -32,6 +35,36 @@ const onReserved = (before: string | undefined, after: string) =>
     )
   )
 
+/**
+ * The least an engine that carries `BEGIN` does: `BEGIN` sent with the body's first statement (through the library's
+ * own node-postgres stand-in), then `COMMIT`; none of the library's other work (no span or metrics, no bookkeeping
+ * of blocks, no guard against a failed `BEGIN`, an interrupt or a lost connection). Not a transaction library: the
+ * ceiling of one that saves `BEGIN`'s round trip.
+ */
+const carryOnly = Effect.flatMap(SqlClient.SqlClient, (sql) =>
+  Effect.scoped(
+    Effect.flatMap(sql.reserve, (conn) => {
+      const inFlight = postgres.takeOver(conn, 0)
+      let begun = false
+      const carrying: Connection = Object.assign(Object.create(conn) as Connection, {
+        execute: (
+          text: string,
+          params: ReadonlyArray<unknown>,
+          transformRows: Parameters<Connection["execute"]>[2]
+        ) => {
+          if (begun || inFlight === undefined) return conn.execute(text, params, transformRows)
+          begun = true
+          return conn.execute(inFlight.carry(["BEGIN"], text).sql, params, transformRows)
+        }
+      })
+      return Effect.zipLeft(
+        Effect.provideService(body, SqlClient.TransactionConnection, [carrying, 0]),
+        conn.executeRaw("COMMIT", [])
+      )
+    })
+  )
+)
+
 const contenders: ReadonlyArray<readonly [string, Effect.Effect<unknown, unknown, SqlClient.SqlClient>]> = [
   ["hand-written BEGIN/COMMIT (4 round trips)", onReserved("BEGIN", "COMMIT")],
   [
@@ -39,6 +72,7 @@ const contenders: ReadonlyArray<readonly [string, Effect.Effect<unknown, unknown
     Effect.flatMap(SqlClient.SqlClient, (sql) => sql.withTransaction(body))
   ],
   ["effect-transaction (3 round trips)", Transaction.withTransaction(body)],
+  ["carry only: BEGIN with the first statement, COMMIT, no library work (3 round trips)", carryOnly],
   // Not a transaction: the same statements autocommitted, and one statement where COMMIT was.
   ["floor: no transaction, SELECT 1 for COMMIT (3 round trips)", onReserved(undefined, "SELECT 1")]
 ]
