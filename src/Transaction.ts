@@ -501,7 +501,8 @@ export interface PreparedStatements {
  * connection, under a name, and only bound and executed from then on: PostgreSQL skips parsing and, after five
  * runs, planning it (it keeps a generic plan when that costs no more than planning each run). Each connection keeps
  * that many of the statements it ran most recently. Read from the context of the fiber that opens the transaction;
- * statements outside transactions are never prepared.
+ * statements outside transactions are never prepared. A value that is not a whole number from 0 to 1,000,000 fails
+ * the transaction with `InvalidOption` before anything is sent.
  *
  * What to know before turning it on (docs/performance.md has more):
  * - A schema change under a running app (a column's type changed, `SELECT *` from a table that gained a column) can

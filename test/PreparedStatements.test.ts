@@ -7,7 +7,7 @@
 import { SqlClient, SqlError } from "@effect/sql"
 import { assert, describe, layer } from "@effect/vitest"
 import { Cause, Effect, Exit } from "effect"
-import { TestTransaction, Transaction } from "effect-transaction"
+import { TestTransaction, Transaction, TransactionError } from "effect-transaction"
 import * as TestDatabase from "./utils/TestDatabase.js"
 
 interface PreparedRow {
@@ -89,6 +89,31 @@ describe("Transaction.PreparedStatements", () => {
         yield* reset
         yield* Effect.zipRight(insertItem(1, "one"), readItem(1)).pipe(Transaction.withTransaction())
         assert.deepStrictEqual(yield* preparedNow, [])
+      })
+    )
+
+    it.effect("a count that is not a whole number from 0 to 1,000,000 is an InvalidOption, and nothing is sent", () =>
+      Effect.gen(function* () {
+        yield* reset
+        for (const bad of [-1, 2.5, Number.NaN, Number.POSITIVE_INFINITY, 1_000_001]) {
+          const exit = yield* Effect.exit(
+            insertItem(1, "one").pipe(
+              Transaction.withTransaction(),
+              Effect.provideService(Transaction.PreparedStatements, bad)
+            )
+          )
+          const error = Exit.isFailure(exit) ? Cause.squash(exit.cause) : undefined
+          assert.instanceOf(error, TransactionError.TransactionError)
+          assert.strictEqual((error as TransactionError.TransactionError).reason, "InvalidOption")
+          assert.include((error as TransactionError.TransactionError).message, `is ${bad}:`)
+        }
+        // Nothing ran, and the pool's only connection still serves.
+        assert.deepStrictEqual(yield* readItem(1).pipe(Transaction.withTransaction()), [])
+        yield* insertItem(1, "one").pipe(
+          Transaction.withTransaction(),
+          Effect.provideService(Transaction.PreparedStatements, 0)
+        )
+        assert.deepStrictEqual(yield* readItem(1), [{ id: 1, label: "one" }])
       })
     )
 

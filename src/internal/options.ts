@@ -41,6 +41,24 @@ const show = (value: unknown): string => {
   }
 }
 
+/** The most statements `Transaction.PreparedStatements` may ask each connection to keep. */
+export const maxPreparedStatements = 1_000_000
+
+/**
+ * `Transaction.PreparedStatements` as a count of statements to keep prepared per connection, or the `InvalidOption`
+ * a value that is not a whole number from 0 to `maxPreparedStatements` is.
+ */
+export const preparedStatementsCount = (value: number): number | TransactionError => {
+  if (Number.isInteger(value) && value >= 0 && value <= maxPreparedStatements) return value
+  // JSON would show NaN and Infinity as null.
+  const shown = typeof value === "number" ? String(value) : show(value)
+  return invalidOption(
+    `Transaction.PreparedStatements is ${shown}: it must be a whole number from 0 (keep none) to ` +
+      `${maxPreparedStatements}, the number of statements each pooled connection keeps prepared. Nothing was ` +
+      "sent. Provide such a number, or leave the setting out."
+  )
+}
+
 export const validateOptions = (options: Transaction.Options): TransactionError | undefined => {
   let given = false
   for (const name in options) {

@@ -45,7 +45,13 @@ import {
   run,
   type Tx
 } from "./blocks.js"
-import { checkNestedOptions, deadlockTimeoutMillisOf, millisOf, validateOptions } from "./options.js"
+import {
+  checkNestedOptions,
+  deadlockTimeoutMillisOf,
+  millisOf,
+  preparedStatementsCount,
+  validateOptions
+} from "./options.js"
 import { sealedError } from "./sandbox.js"
 import { hooksOfLast } from "./hooks.js"
 import {
@@ -449,7 +455,8 @@ export const open = (
   }
   const acquireMillis = options.acquireTimeout === undefined ? undefined : millisOf(options.acquireTimeout)
   return Effect.withFiberRuntime((fiber) => {
-    const prepared = preparedLimit(Context.get(fiber.currentContext, PreparedStatements))
+    const prepared = preparedStatementsCount(Context.get(fiber.currentContext, PreparedStatements))
+    if (prepared instanceof TransactionError) return Effect.fail(prepared)
     return Effect.flatMap(reserve(client, scope, acquireMillis, holding, restore, limit), (conn) => {
       const tx = makeTx(client, conn, dialect, characteristics, mode)
       // A connection the engine reserved: its statements' cancels are the engine's, not the driver's.
@@ -461,9 +468,6 @@ export const open = (
     })
   })
 }
-
-/** `Transaction.PreparedStatements` as a count: a whole number, 0 for anything that is not a positive one. */
-const preparedLimit = (value: number): number => (value >= 1 ? Math.floor(Math.min(value, 1_000_000)) : 0)
 
 /** Gives the connection back to the pool, or destroys it when its state is unknown. */
 /** @internal */
